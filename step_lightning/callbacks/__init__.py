@@ -1,0 +1,8 @@
+"""Recipe callbacks: one recipe per file on a shared base."""
+
+from step_lightning.callbacks.asp import ASPCallback
+from step_lightning.callbacks.base import NMSparsityCallback
+from step_lightning.callbacks.srste import SRSTECallback
+from step_lightning.callbacks.step import STEPCallback
+
+__all__ = ["ASPCallback", "NMSparsityCallback", "SRSTECallback", "STEPCallback"]

@@ -1,0 +1,108 @@
+"""ASP: one-shot magnitude N:M pruning at a chosen step, then a fixed mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from step_lightning.callbacks.base import NMSparsityCallback, resolve_step
+
+
+class ASPCallback(NMSparsityCallback):
+    """NVIDIA ASP-style pruning: dense until ``prune_at``, then a fixed magnitude N:M mask.
+
+    When ``prune_at`` optimizer steps have run, the mask is computed once from ``|w|`` (the ``n``
+    largest of every ``m`` along the reduction axis) and the pruned weights are zeroed. From then on,
+    before every optimizer step the gradients of pruned weights are zeroed, and after it the weights
+    are re-masked (momentum and weight decay would otherwise move them). The optimizer state is not
+    touched, as in the reference. The reference recipe fine-tunes a dense model with the dense run's
+    optimizer, schedule and length: load the dense weights into the model and use ``prune_at=0``.
+
+    Args:
+        n: weights kept in every group of ``m``.
+        m: group size along the reduction axis.
+        prune_at: optimizer step at which to prune: an int (``0``: before the first step), or a float
+            in (0, 1) for that fraction of the run's optimizer steps.
+        include: regexes on parameter names; when given, exactly the matching weights are masked.
+        exclude: regexes on parameter names that are never masked.
+        per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: step_lightning.ASPCallback
+              init_args: {n: 2, m: 4, prune_at: 0}
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        prune_at: int | float = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        per_layer_log_interval: int = 10,
+    ) -> None:
+        super().__init__(n, m, include, exclude, 1, per_layer_log_interval)
+        if isinstance(prune_at, float):
+            resolve_step(prune_at, 1, "prune_at")  # checks the range now
+        else:
+            resolve_step(prune_at, 0, "prune_at")
+        self.prune_at = prune_at
+        self.prune_step: int | None = None
+        self._pruned = False
+
+    @property
+    @override
+    def masks_active(self) -> bool:
+        return self._pruned
+
+    @property
+    @override
+    def dynamic_masks(self) -> bool:
+        return False
+
+    @override
+    def _on_train_start(self, trainer: pl.Trainer) -> None:
+        if self.prune_step is None:
+            self.prune_step = resolve_step(self.prune_at, trainer.estimated_stepping_batches, "prune_at")
+        self._maybe_prune()
+
+    def _maybe_prune(self) -> None:
+        engine = self._engine
+        assert engine is not None and self.prune_step is not None
+        if self._pruned or self._opt_steps < self.prune_step:
+            return
+        engine.update_masks()
+        engine.mask_weights_()
+        self._pruned = True
+        rank_zero_info(f"ASPCallback: pruned {len(engine.targets)} weights to {self.n}:{self.m} at optimizer step "
+                       f"{self._opt_steps}.")
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._pruned:
+            assert self._engine is not None
+            self._engine.mask_grads_()
+
+    @override
+    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pruned:
+            assert self._engine is not None
+            self._engine.mask_weights_()
+        else:
+            self._maybe_prune()
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {"prune_step": self.prune_step, "pruned": self._pruned}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.prune_step = state["prune_step"]
+        self._pruned = state["pruned"]

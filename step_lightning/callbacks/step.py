@@ -1,0 +1,285 @@
+"""STEP: a dense precondition phase, then N:M mask learning with a frozen second moment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from step_lightning.callbacks.base import NMSparsityCallback, resolve_step
+from step_lightning.optim import STATISTICS, AutoSwitch, Statistic, StepAdamW
+
+Phase = Literal["precondition", "mask_learning"]
+
+
+class STEPCallback(NMSparsityCallback):
+    """STEP (Lu et al., ICML 2023): learn N:M masks from scratch with Adam, preconditioned.
+
+    What happens, and when (``t`` counts optimizer steps that really ran):
+
+    1. **Precondition** (``phase == "precondition"``, ``sparsity/phase`` = 0): plain dense AdamW through
+       :class:`~step_lightning.StepAdamW`. With ``switch="auto"`` the optimizer measures after each step
+       how much Adam's second moment ``v`` still moves on the weights that will be masked, and
+       :class:`~step_lightning.AutoSwitch` watches the window mean of that statistic. Validation
+       evaluates the dense model being trained.
+    2. **The switch** at step ``T0`` (``switch_step``): when the window mean falls below
+       ``autoswitch_threshold`` after ``autoswitch_t_min`` steps, or unconditionally after
+       ``autoswitch_t_max`` steps; or at the fixed step ``switch`` (an int, or a float fraction of the
+       run). The second moment of every masked weight is frozen (:meth:`StepAdamW.freeze_second_moment`).
+    3. **Mask learning** (``phase == "mask_learning"``, ``sparsity/phase`` = 1), from step ``T0 + 1``:
+       forward/backward use ``w * mask(w)`` (``n`` largest ``|w|`` of every ``m`` along the reduction
+       axis, recomputed from the dense weights every ``mask_update_interval`` steps), the gradient
+       reaches the dense weights straight through, and the frozen ``v`` preconditions the update.
+       Weights that are never masked keep training with plain AdamW. Validation, test, predict and
+       :meth:`masked_state_dict` use the N:M model.
+
+    The reference STEP code uses plain STE in phase 2 (``sr_ste_decay=0``, the default); set
+    ``sr_ste_decay=2e-4`` for "SR-STE + precondition". The frozen denominator is the reference
+    ``sqrt(v*) + eps ** 0.75`` unless the optimizer has ``frozen_bias_correction=True``.
+
+    Args:
+        n: weights kept in every group of ``m`` (N of "N:M").
+        m: group size along the reduction axis.
+        switch: ``"auto"`` (AutoSwitch), an int optimizer step ``>= 1``, or a float in (0, 1): that
+            fraction of the run's optimizer steps (``trainer.estimated_stepping_batches``).
+        include: regexes on parameter names; when given, exactly the matching weights are masked.
+        exclude: regexes on parameter names that are never masked.
+        sr_ste_decay: ``lambda_w`` of the SR-STE term in phase 2 (0: plain STE, the reference).
+        autoswitch_threshold: switch when the window mean of the statistic is below this. Reference:
+            Adam's eps (1e-8) for ``autoswitch_statistic="reference"``.
+        autoswitch_statistic: ``"reference"`` (mean ``|v_t - v_{t-1}|``) or ``"relative"`` (the same
+            divided by mean ``v_t``; scale-free, e.g. ``autoswitch_threshold=1e-3``). Both are logged.
+        autoswitch_window: samples in the sliding window; ``None`` means ``1 / (1 - beta2)`` of the
+            optimizer (1000 for beta2 = 0.999).
+        autoswitch_t_min: no switch on the statistic before this step: an int, a float fraction of
+            the run, or ``None`` (= the window length).
+        autoswitch_t_max: switch unconditionally after this step: an int, or a float fraction of the run
+            (default 0.5: the second half of the run always learns masks).
+        autoswitch_check_every: evaluate the test every this many steps (each test is one device sync).
+        mask_update_interval: optimizer steps between mask updates in phase 2 (reference: 1).
+        per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
+
+    Raises:
+        ValueError: invalid arguments (at construction), no maskable weight, or an optimizer that is
+            not :class:`~step_lightning.StepAdamW` (at the start of ``fit``).
+
+    Example::
+
+        optimizer:
+          class_path: step_lightning.StepAdamW
+          init_args: {lr: 1.0e-3, weight_decay: 0.0}
+        trainer:
+          callbacks:
+            - class_path: step_lightning.STEPCallback
+              init_args: {n: 2, m: 4, switch: auto, autoswitch_t_max: 0.5}
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        switch: Literal["auto"] | int | float = "auto",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        sr_ste_decay: float = 0.0,
+        autoswitch_threshold: float = 1e-8,
+        autoswitch_statistic: Statistic = "reference",
+        autoswitch_window: int | None = None,
+        autoswitch_t_min: int | float | None = None,
+        autoswitch_t_max: int | float = 0.5,
+        autoswitch_check_every: int = 1,
+        mask_update_interval: int = 1,
+        per_layer_log_interval: int = 10,
+    ) -> None:
+        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval)
+        problems = []
+        if switch != "auto":
+            try:
+                resolve_step(switch, 1, "switch", allow_zero=False)  # type: ignore[arg-type]
+            except ValueError as err:
+                problems.append(str(err).rstrip(".") + '; or "auto" for AutoSwitch')
+        if isinstance(sr_ste_decay, bool) or not isinstance(sr_ste_decay, (int, float)) or sr_ste_decay < 0:
+            problems.append(f"`sr_ste_decay` must be a number >= 0, got {sr_ste_decay!r}")
+        if autoswitch_statistic not in STATISTICS:
+            problems.append(f"`autoswitch_statistic` must be one of {list(STATISTICS)}, got {autoswitch_statistic!r}")
+        for arg, value in (("autoswitch_t_min", autoswitch_t_min), ("autoswitch_t_max", autoswitch_t_max)):
+            if value is not None:
+                try:
+                    resolve_step(value, 1, arg, allow_zero=arg == "autoswitch_t_min")
+                except ValueError as err:
+                    problems.append(str(err).rstrip("."))
+        if switch == "auto" and autoswitch_t_max is None:
+            problems.append("`autoswitch_t_max` is required with switch='auto' (otherwise a run whose statistic "
+                            "never falls below the threshold stays dense forever)")
+        if problems:
+            raise ValueError("STEPCallback: " + "; ".join(problems) + ".")
+        if switch == "auto":
+            # Check the remaining AutoSwitch arguments now, with placeholder steps.
+            AutoSwitch(autoswitch_threshold, autoswitch_window, 0, 1, autoswitch_statistic,
+                       check_every=autoswitch_check_every)
+        self.switch = switch
+        self.sr_ste = float(sr_ste_decay)
+        self.autoswitch_threshold = autoswitch_threshold
+        self.autoswitch_statistic = autoswitch_statistic
+        self.autoswitch_window = autoswitch_window
+        self.autoswitch_t_min = autoswitch_t_min
+        self.autoswitch_t_max = autoswitch_t_max
+        self.autoswitch_check_every = autoswitch_check_every
+
+        self._phase: Phase = "precondition"
+        self._switch_step: int | None = None
+        self._fixed_switch: int | None = None
+        self.autoswitch: AutoSwitch | None = None
+        self._optimizer: StepAdamW | None = None
+        self._restored_autoswitch: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        """``"precondition"`` (dense AdamW) until the switch, then ``"mask_learning"``."""
+        return self._phase
+
+    @property
+    def switch_step(self) -> int | None:
+        """The optimizer step ``T0`` after which the second moment was frozen; ``None`` before the switch."""
+        return self._switch_step
+
+    @property
+    @override
+    def masks_active(self) -> bool:
+        return self._phase == "mask_learning"
+
+    @property
+    @override
+    def sr_ste_decay(self) -> float:
+        return self.sr_ste
+
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        owners = [opt for opt in trainer.optimizers
+                  if any(id(p) == id(t.param) for g in opt.param_groups for p in g["params"] for t in self.targets)]
+        if len(owners) != 1 or not isinstance(owners[0], StepAdamW):
+            got = [type(opt).__name__ for opt in owners] or [type(opt).__name__ for opt in trainer.optimizers]
+            raise ValueError(
+                f"STEPCallback needs the masked weights to be optimized by one step_lightning.StepAdamW "
+                f"(it freezes Adam's second moment at the switch), got {got}. In YAML: "
+                "`optimizer: {class_path: step_lightning.StepAdamW, init_args: {lr: ...}}`; in code, return "
+                "StepAdamW(...) from configure_optimizers. For other optimizers use SRSTECallback."
+            )
+        self._optimizer = owners[0]
+
+    @override
+    def _on_train_start(self, trainer: pl.Trainer) -> None:
+        assert self._optimizer is not None
+        total = trainer.estimated_stepping_batches
+        if self.switch != "auto":
+            self._fixed_switch = resolve_step(self.switch, total, "switch", allow_zero=False)  # type: ignore[arg-type]
+        elif self.autoswitch is None:
+            beta2 = self._optimizer.param_groups[0]["betas"][1]
+            t_max = resolve_step(self.autoswitch_t_max, total, "autoswitch_t_max", allow_zero=False)
+            t_min = None if self.autoswitch_t_min is None else resolve_step(self.autoswitch_t_min, total,
+                                                                            "autoswitch_t_min")
+            self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max,
+                                         self.autoswitch_statistic, beta2=beta2,
+                                         check_every=self.autoswitch_check_every)
+            if self._restored_autoswitch is not None:
+                self.autoswitch.load_state_dict(self._restored_autoswitch)
+                self._restored_autoswitch = None
+            if self.autoswitch.t_min >= t_max:
+                rank_zero_warn(f"STEPCallback: autoswitch_t_min ({self.autoswitch.t_min}) >= autoswitch_t_max "
+                               f"({t_max}): AutoSwitch will switch at step {t_max + 1} whatever the statistic.")
+            rank_zero_info(
+                f"STEPCallback: AutoSwitch on {self.autoswitch_statistic!r} statistic, threshold "
+                f"{self.autoswitch.threshold:g}, window {self.autoswitch.window}, t_min {self.autoswitch.t_min}; "
+                f"switches at the latest after step {t_max} of {total}."
+            )
+        if self._phase == "precondition":
+            watched = [t.param for t in self.targets] if self.switch == "auto" else []
+            self._optimizer.watch(watched)
+        if self._phase == "mask_learning":
+            # Resumed after the switch: the optimizer state restored the frozen second moment.
+            self._check_frozen()
+
+    def _check_frozen(self) -> None:
+        assert self._optimizer is not None
+        unfrozen = [t.name for t in self.targets if not self._optimizer.is_frozen(t.param)]
+        if unfrozen:
+            raise ValueError(f"STEPCallback is in phase 'mask_learning' but the optimizer state has no frozen second "
+                             f"moment for {unfrozen}: the checkpoint's optimizer state does not match its callback "
+                             "state.")
+
+    @override
+    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._phase != "precondition":
+            return
+        assert self._optimizer is not None
+        if self.autoswitch is not None:
+            stats = self._optimizer.second_moment_stats
+            if stats is None:
+                return
+            decide = self.autoswitch.observe(stats["abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"])
+            # Decide on rank 0 and broadcast, so every rank switches at the same step by construction.
+            if self.autoswitch.t % self.autoswitch.check_every == 0 or decide:
+                decide = trainer.strategy.broadcast(decide, src=0)
+            if decide:
+                if self.autoswitch.switched_by == "t_max":
+                    rank_zero_warn(
+                        f"STEPCallback: AutoSwitch reached autoswitch_t_max={self.autoswitch.t_max} without the "
+                        f"{self.autoswitch_statistic} statistic falling below {self.autoswitch.threshold:g} (last "
+                        f"window mean {self.autoswitch.last_window_mean}); switching now. Consider "
+                        "autoswitch_statistic='relative' or another threshold."
+                    )
+                self._do_switch()
+        elif self._fixed_switch is not None and self._opt_steps >= self._fixed_switch:
+            self._do_switch()
+
+    def _do_switch(self) -> None:
+        assert self._optimizer is not None
+        self._optimizer.freeze_second_moment([t.param for t in self.targets])
+        self._optimizer.watch([])
+        self._phase = "mask_learning"
+        self._switch_step = self._opt_steps
+        rank_zero_info(f"STEPCallback: switched to mask learning after optimizer step {self._switch_step}; "
+                       f"{len(self.targets)} weights now {self.n}:{self.m} with a frozen second moment.")
+
+    @override
+    def _extra_metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.autoswitch is not None:
+            metrics["sparsity/autoswitch_threshold"] = self.autoswitch.threshold
+            stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
+            if stats is not None:
+                key = "abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"
+                metrics["sparsity/autoswitch_stat"] = stats[key]
+                metrics["sparsity/autoswitch_abs_dv"] = stats["abs_dv"]
+                metrics["sparsity/autoswitch_rel_dv"] = stats["rel_dv"]
+            mean = self.autoswitch.window_mean()
+            if mean is not None and self._phase == "precondition":
+                metrics["sparsity/autoswitch_window_mean"] = mean
+        if self._switch_step is not None:
+            metrics["sparsity/switch_step"] = float(self._switch_step)
+        return metrics
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "phase": self._phase,
+            "switch_step": self._switch_step,
+            "autoswitch": self.autoswitch.state_dict() if self.autoswitch is not None else self._restored_autoswitch,
+        }
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._phase = state["phase"]
+        self._switch_step = state["switch_step"]
+        if state["autoswitch"] is not None:
+            if self.autoswitch is not None:
+                self.autoswitch.load_state_dict(state["autoswitch"])
+            else:
+                self._restored_autoswitch = state["autoswitch"]  # applied once the run's length is known
+

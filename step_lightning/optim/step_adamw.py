@@ -1,0 +1,238 @@
+"""StepAdamW: Adam(W) whose second moment can be frozen per parameter (STEP, STEP.md section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                   frozen_eps: float | None) -> None:
+    problems = []
+    if not isinstance(lr, (int, float)) or lr < 0:
+        problems.append(f"`lr` must be a number >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"`betas` must be two numbers in [0, 1), got {betas!r}")
+    if not eps > 0:
+        problems.append(f"`eps` must be > 0, got {eps!r}")
+    if not weight_decay >= 0:
+        problems.append(f"`weight_decay` must be >= 0, got {weight_decay!r}")
+    if frozen_eps is not None and not frozen_eps > 0:
+        problems.append(f"`frozen_eps` must be > 0 or None (meaning eps ** 0.75), got {frozen_eps!r}")
+    if problems:
+        raise ValueError("StepAdamW: " + "; ".join(problems) + ".")
+
+
+class StepAdamW(Optimizer):
+    r"""AdamW that can freeze the second moment of chosen parameters: the optimizer of STEP.
+
+    Until :meth:`freeze_second_moment` is called it is ``torch.optim.AdamW`` (same update, same
+    ``foreach`` arithmetic, same state names; ``weight_decay=0`` gives Adam). For a frozen parameter
+    the second moment stops updating and acts as a fixed preconditioner (STEP.md section 3)::
+
+        m = beta1 * m + (1 - beta1) * g          # continues, never reset
+        w = w * (1 - lr * weight_decay)
+        w = w - lr * (m / (1 - beta1 ** k)) / denom
+
+    with ``denom = sqrt(v*) + frozen_eps`` (reference: ``v*`` the raw ``v`` at the freeze,
+    ``frozen_eps = eps ** 0.75``) or, with ``frozen_bias_correction=True``,
+    ``denom = sqrt(v* / (1 - beta2 ** T0)) + eps``. Since ``denom`` is constant it is computed once at
+    the freeze and stored in place of ``exp_avg_sq`` (state key ``frozen_denom``, with the freeze step
+    in ``frozen_step``), so a frozen step costs fewer passes than an AdamW step. Everything, including
+    which parameters are frozen, round-trips through ``state_dict()`` / ``load_state_dict()``.
+
+    For the AutoSwitch test it can also measure, for parameters passed to :meth:`watch`, how fast the
+    second moment still moves: after each step :attr:`second_moment_stats` holds device scalars (no
+    host sync) ``abs_dv = mean |v_t - v_{t-1}|`` and ``rel_dv = abs_dv / mean v_t`` over all watched,
+    unfrozen elements. ``v_t - v_{t-1} = (1 - beta2)(g^2 - v_{t-1})``, so no copy of ``v`` is kept.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        lr: learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: Adam's epsilon (added to ``sqrt(v_hat)``).
+        weight_decay: decoupled weight decay, as in AdamW (``0`` for Adam without decay).
+        frozen_eps: the epsilon of the frozen denominator; ``None`` means ``eps ** 0.75``, the
+            reference (1e-6 for eps = 1e-8). Ignored with ``frozen_bias_correction``.
+        frozen_bias_correction: use ``sqrt(v* / (1 - beta2 ** T0)) + eps`` instead of the reference
+            ``sqrt(v*) + frozen_eps``; the two agree for a freeze after several thousand steps.
+
+    Example (YAML, with the STEP recipe callback)::
+
+        optimizer:
+          class_path: step_lightning.StepAdamW
+          init_args: {lr: 1.0e-3, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 0.0}
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        frozen_eps: float | None = None,
+        frozen_bias_correction: bool = False,
+    ) -> None:
+        betas = tuple(betas)  # YAML gives lists
+        _check_hparams(lr, betas, eps, weight_decay, frozen_eps)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, frozen_eps=frozen_eps,
+                        frozen_bias_correction=frozen_bias_correction)
+        super().__init__(params, defaults)
+        self._watched: set[int] = set()
+        self._watched_numel = 0
+        self.second_moment_stats: dict[str, Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Freezing and watching
+    # ----------------------------------------------------------------------------------------------
+    def _group_of(self, params: Iterable[Tensor], what: str) -> list[tuple[Tensor, dict[str, Any]]]:
+        owner = {id(p): g for g in self.param_groups for p in g["params"]}
+        found = []
+        for p in params:
+            if id(p) not in owner:
+                raise ValueError(f"StepAdamW.{what}: a parameter of shape {tuple(p.shape)} is not in this "
+                                 "optimizer's param_groups.")
+            found.append((p, owner[id(p)]))
+        return found
+
+    def watch(self, params: Iterable[Tensor]) -> None:
+        """Measure the second-moment change of ``params`` in every step (see :attr:`second_moment_stats`)."""
+        found = self._group_of(params, "watch")
+        self._watched = {id(p) for p, _ in found}
+        self._watched_numel = sum(p.numel() for p, _ in found)
+        self.second_moment_stats = None
+
+    def is_frozen(self, param: Tensor) -> bool:
+        return "frozen_denom" in self.state.get(param, {})
+
+    @torch.no_grad()
+    def freeze_second_moment(self, params: Iterable[Tensor]) -> None:
+        """Freeze ``v`` of ``params`` at its current value; they follow the frozen update from the next step.
+
+        Raises:
+            ValueError: a parameter is not in this optimizer, or has no state yet (it has never taken
+                a step, so there is no second moment to freeze).
+        """
+        for p, group in self._group_of(params, "freeze_second_moment"):
+            state = self.state.get(p, {})
+            if "frozen_denom" in state:
+                continue
+            if "exp_avg_sq" not in state:
+                raise ValueError(
+                    f"StepAdamW.freeze_second_moment: a parameter of shape {tuple(p.shape)} has not taken an "
+                    "optimizer step yet, so it has no second moment to freeze. Freeze after at least one step."
+                )
+            v = state.pop("exp_avg_sq")
+            t0 = int(state["step"])
+            _, beta2 = group["betas"]
+            if group["frozen_bias_correction"]:
+                denom = v.div_(1 - beta2**t0).sqrt_().add_(group["eps"])
+            else:
+                frozen_eps = group["frozen_eps"] if group["frozen_eps"] is not None else group["eps"] ** 0.75
+                denom = v.sqrt_().add_(frozen_eps)
+            state["frozen_denom"] = denom
+            state["frozen_step"] = t0
+
+    # ----------------------------------------------------------------------------------------------
+    # Step
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        abs_dv_sums: list[Tensor] = []
+        v_sums: list[Tensor] = []
+        for group in self.param_groups:
+            # (device, dtype, frozen) -> lists, so each foreach call sees one device and dtype.
+            buckets: dict[tuple[torch.device, torch.dtype, bool], dict[str, list[Any]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("StepAdamW does not support sparse gradients.")
+                if torch.is_complex(p):
+                    raise RuntimeError("StepAdamW does not support complex parameters.")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                frozen = "frozen_denom" in state
+                b = buckets.setdefault((p.device, p.dtype, frozen), {k: [] for k in
+                                       ("params", "grads", "exp_avgs", "second", "steps", "watched")})
+                b["params"].append(p)
+                b["grads"].append(p.grad)
+                b["exp_avgs"].append(state["exp_avg"])
+                b["second"].append(state["frozen_denom"] if frozen else state["exp_avg_sq"])
+                b["steps"].append(state["step"])
+                b["watched"].append(id(p) in self._watched)
+            for (_, _, frozen), b in buckets.items():
+                if frozen:
+                    self._frozen_update(group, b)
+                else:
+                    self._adamw_update(group, b, abs_dv_sums, v_sums)
+
+        if self._watched and abs_dv_sums:
+            abs_dv = torch.stack([s.to(abs_dv_sums[0].device, torch.float32) for s in abs_dv_sums]).sum()
+            v_sum = torch.stack([s.to(v_sums[0].device, torch.float32) for s in v_sums]).sum()
+            count = self._watched_numel
+            self.second_moment_stats = {"abs_dv": abs_dv / count, "rel_dv": abs_dv / v_sum}
+        else:
+            self.second_moment_stats = None
+        return loss
+
+    @staticmethod
+    def _count_steps(steps: list[Tensor]) -> None:
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+
+    def _adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], abs_dv_sums: list[Tensor],
+                      v_sums: list[Tensor]) -> None:
+        # Mirrors torch.optim.adam._multi_tensor_adam (decoupled decay, not capturable) op for op, so
+        # that before any freeze the result is bitwise that of torch.optim.AdamW(foreach=True).
+        params, grads, exp_avgs, exp_avg_sqs, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        self._count_steps(steps)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        watched = [i for i, w in enumerate(b["watched"]) if w]
+        if watched:
+            # |v_t - v_{t-1}| = (1 - beta2) |g^2 - v_{t-1}|, from the old v, before it is overwritten.
+            w_grads = [grads[i] for i in watched]
+            dv = torch._foreach_mul(w_grads, w_grads)
+            torch._foreach_sub_(dv, [exp_avg_sqs[i] for i in watched])
+            abs_dv_sums.append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
+            del dv
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        if watched:
+            v_sums.append(torch.stack(torch._foreach_norm([exp_avg_sqs[i] for i in watched], 1)).sum())
+        bias_correction1 = [1 - beta1 ** s.item() for s in steps]
+        bias_correction2 = [1 - beta2 ** s.item() for s in steps]
+        step_size = [(lr / bc) * -1 for bc in bias_correction1]
+        bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+    def _frozen_update(self, group: dict[str, Any], b: dict[str, list[Any]]) -> None:
+        params, grads, exp_avgs, denoms, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
+        beta1, _ = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        self._count_steps(steps)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        step_size = [-lr / (1 - beta1 ** s.item()) for s in steps]
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, step_size)

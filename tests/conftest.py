@@ -1,0 +1,104 @@
+"""Tiny models and data shared by the tests: CPU, seconds each, no network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from step_lightning import StepAdamW, is_nm_sparse
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class TinyNet(nn.Module):
+    """conv stem (1 input channel: never maskable) -> conv -> two Linear -> head."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.norm(self.conv(x)))
+        x = nn.functional.max_pool2d(x, 2).flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+TARGETS = ["net.conv.weight", "net.fc1.weight", "net.fc2.weight"]
+
+
+class TinyModule(pl.LightningModule):
+    """A LightningModule around :class:`TinyNet`; records whether validation saw N:M weights."""
+
+    def __init__(self, optimizer: str = "step_adamw", lr: float = 1e-2) -> None:
+        super().__init__()
+        self.net = TinyNet()
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.val_nm: list[bool] = []
+        self.train_weights: list[dict[str, torch.Tensor]] = []
+        self.record_train_weights = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.record_train_weights:
+            self.train_weights.append({n: p.detach().clone() for n, p in self.named_parameters() if n in TARGETS})
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            params = dict(self.named_parameters())
+            self.val_nm.append(all(is_nm_sparse(params[n], 2, 4, "conv" if "conv" in n else "linear")
+                                   for n in TARGETS))
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "step_adamw":
+            return StepAdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def tiny_loaders(n: int = 64, batch_size: int = 8, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=16)
+
+
+def tiny_trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=12, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
