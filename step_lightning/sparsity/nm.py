@@ -103,7 +103,11 @@ def _keep_table(n: int, m: int, device: torch.device) -> Tensor:
             i_wins = (codes >> bit) & 1
             wins[:, i] += i_wins
             wins[:, j] += 1 - i_wins
-        table = (wins >= m - n).to(device)
+        # Keep the n members with the most wins, the lower index first among equal counts. For real
+        # numbers the outcomes are transitive and the win counts are distinct, so this is "the n largest";
+        # NaN makes them cyclic, and this rule still keeps exactly n.
+        order = (wins * m + (m - 1 - torch.arange(m))).argsort(dim=1, descending=True)
+        table = torch.zeros(len(codes), m, dtype=torch.bool).scatter_(1, order[:, :n], True).to(device)
         _LUT_CACHE[key] = table
     return table
 
@@ -120,7 +124,9 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor
 
     Returns:
         A ``torch.bool`` tensor of ``weight``'s shape and device with exactly ``n`` ``True`` per group.
-        Ties go to the lower index within the group, so every rank computes the same mask.
+        Ties go to the lower index within the group, so every rank computes the same mask. A group
+        holding NaN still keeps exactly ``n`` for ``m <= 6`` (which ones is unspecified); above that a
+        NaN group may keep more or fewer.
 
     Raises:
         ValueError: for ``n``/``m`` outside ``0 < n < m``, an unknown ``layout``, a weight of the wrong

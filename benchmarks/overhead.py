@@ -1,0 +1,453 @@
+"""Overhead of the N:M recipes, measured as ratios to dense AdamW, side by side in one process.
+
+What is measured (CPU, ``torch.set_num_threads(2)`` unless ``--threads`` says otherwise):
+
+1. **Per-optimizer-step wall time through a real Lightning ``Trainer``** for
+
+   * ``resnet18``: torchvision ResNet-18 (10 classes) with the CIFAR stem (3x3 stride-1 ``conv1``, no
+     max-pool), batch 64 of random 3x32x32 images, cross-entropy;
+   * ``bert4``: a 4-layer BERT encoder (hidden 768, 12 heads, FFN 3072, vocab 30522) in
+     ``BertForSequenceClassification`` built from the config (random weights, nothing downloaded),
+     batch 16 of 128 random token ids;
+
+   under six recipes: dense ``torch.optim.AdamW(foreach=True)`` (the baseline); dense ``StepAdamW``
+   (no watch, before any freeze); the STEP precondition phase (``StepAdamW`` + ``STEPCallback(switch=
+   "auto")``, so the optimizer computes the AutoSwitch statistic every step; ``autoswitch_t_max`` is set
+   far beyond the run so it never switches); the STEP mask-learning phase (``STEPCallback(switch=1)``:
+   every timed step runs after the switch, with a frozen second moment and the masked forward/backward);
+   SR-STE (``SRSTECallback`` + AdamW); ASP (``ASPCallback(prune_at=0)`` + AdamW). All at 2:4.
+
+   A step is the time between consecutive ``on_train_batch_end`` calls of a timing callback placed first
+   in the callback list, so it contains everything: the recipe's mask update and weight swap in
+   ``on_train_batch_start``, forward, backward, the restore in ``on_before_optimizer_step``, the optimizer
+   step and the recipe's after-step work. The first ``--warmup`` steps of every fit are discarded.
+   The machine is shared and noisy, so the recipes run interleaved: every round fits every recipe for a
+   few steps (the order alternates between rounds), and the reported overhead is the median over rounds
+   of (recipe's median step in the round) / (dense AdamW's median step in the same round).
+
+2. **Micro-benchmarks**, interleaved repeats, medians of per-repeat ratios:
+
+   * ``nm_mask`` of a 4096x4096 fp32 weight (layout ``linear``; 2:4, and 1:8 for reference) against a
+     naive ``topk`` + ``scatter_`` mask and against one ``w.clone()`` (the memory-traffic floor);
+   * ``StepAdamW.step`` against ``torch.optim.AdamW(foreach=True).step`` on the ResNet-18's parameters
+     with random gradients: before any freeze, with ``watch()`` on every >=2-D weight (the AutoSwitch
+     statistic), and after freezing the second moment of every >=2-D weight.
+
+Run (the default takes roughly 8-10 minutes on a 2-core CPU)::
+
+    python benchmarks/overhead.py
+    python benchmarks/overhead.py --quick                  # smoke run: small batches, one round
+    python benchmarks/overhead.py --models resnet18 --rounds 6 --steps 4
+
+The output is Markdown (a header line, then tables) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, nm_mask
+
+RECIPES: tuple[str, ...] = ("adamw", "step_adamw", "step_precondition", "step_mask_learning", "srste", "asp")
+RECIPE_LABELS: dict[str, str] = {
+    "adamw": "dense AdamW(foreach=True)",
+    "step_adamw": "dense StepAdamW (no watch)",
+    "step_precondition": 'STEP precondition (switch="auto")',
+    "step_mask_learning": "STEP mask learning (after switch)",
+    "srste": "SR-STE (AdamW)",
+    "asp": "ASP (prune_at=0, AdamW)",
+}
+MODELS: tuple[str, ...] = ("resnet18", "bert4")
+N, M = 2, 4
+LR = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------------------------------
+def cifar_resnet18() -> nn.Module:
+    """torchvision ResNet-18 (10 classes) with the CIFAR stem: 3x3 stride-1 conv1, no max-pool."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def bert4() -> nn.Module:
+    """A 4-layer BERT-base-width encoder with a 2-class head, random weights (nothing downloaded)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                        vocab_size=30522, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+class RepeatedBatch(Dataset[tuple[Tensor, Tensor]]):
+    """``length`` copies of one pre-built batch (use with ``batch_size=None``): no collation cost."""
+
+    def __init__(self, batch: tuple[Tensor, Tensor], length: int) -> None:
+        self.batch = batch
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.batch
+
+
+@dataclass
+class Workload:
+    """A model family at a given batch shape; ``make_batch`` is called once per fit (same seed)."""
+
+    name: str
+    label: str
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[], tuple[Tensor, Tensor]]
+    is_text: bool
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    img_batch = 16 if quick else 64
+    txt_batch, seq = (4, 32) if quick else (16, 128)
+
+    def images() -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(img_batch, 3, 32, 32, generator=g), torch.randint(0, 10, (img_batch,), generator=g)
+
+    def tokens() -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 30522, (txt_batch, seq), generator=g), torch.randint(0, 2, (txt_batch,), generator=g)
+
+    return {
+        "resnet18": Workload("resnet18", f"ResNet-18 (CIFAR stem), batch {img_batch}, 3x32x32",
+                             cifar_resnet18, images, is_text=False),
+        "bert4": Workload("bert4", f"BERT 4 layers (768/12/3072), batch {txt_batch}, seq {seq}",
+                          bert4, tokens, is_text=True),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Lightning pieces
+# --------------------------------------------------------------------------------------------------
+class BenchModule(pl.LightningModule):
+    """Wraps an image classifier or a Hugging Face sequence classifier; cross-entropy loss."""
+
+    def __init__(self, model: nn.Module, is_text: bool, optimizer: str) -> None:
+        super().__init__()
+        self.model = model
+        self.is_text = is_text
+        self.optimizer_name = optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_text:
+            return self.model(input_ids=x).logits
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "step_adamw":
+            return StepAdamW(self.parameters(), lr=LR, weight_decay=1e-2)
+        return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=1e-2, foreach=True)
+
+
+class StepTimer(Callback):
+    """Records ``time.perf_counter()`` at the first ``on_train_batch_start`` and every ``on_train_batch_end``.
+
+    Placed first in the callback list; the interval between consecutive marks is one whole optimizer step
+    including every recipe hook (the recipes' end-of-step work of step k lands in interval k+1).
+    """
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.marks:
+            self.marks.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.marks.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> list[float]:
+        diffs = [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return diffs[warmup:]
+
+
+def recipe_setup(recipe: str) -> tuple[str, list[Callback]]:
+    """The optimizer name and the recipe callbacks of ``recipe``."""
+    if recipe == "adamw":
+        return "adamw", []
+    if recipe == "step_adamw":
+        return "step_adamw", []
+    if recipe == "step_precondition":
+        # t_max far beyond the run: the whole fit stays in the precondition phase, watching every step.
+        return "step_adamw", [STEPCallback(N, M, switch="auto", autoswitch_t_max=10**9, per_layer_log_interval=0)]
+    if recipe == "step_mask_learning":
+        return "step_adamw", [STEPCallback(N, M, switch=1, per_layer_log_interval=0)]
+    if recipe == "srste":
+        return "adamw", [SRSTECallback(N, M, decay=2e-4, per_layer_log_interval=0)]
+    if recipe == "asp":
+        return "adamw", [ASPCallback(N, M, prune_at=0, per_layer_log_interval=0)]
+    raise ValueError(f"unknown recipe {recipe!r}")
+
+
+def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: int, warmup: int) -> list[float]:
+    """Fit a fresh copy of the model for ``warmup + steps`` optimizer steps; return the timed step times."""
+    model = work.build()
+    model.load_state_dict(init_state)
+    optimizer, recipe_callbacks = recipe_setup(recipe)
+    module = BenchModule(model, work.is_text, optimizer)
+    timer = StepTimer()
+    total = warmup + steps
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=total, max_epochs=1, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[timer, *recipe_callbacks],
+    )
+    loader = DataLoader(RepeatedBatch(work.make_batch(), total), batch_size=None, shuffle=False, num_workers=0)
+    trainer.fit(module, train_dataloaders=loader)
+    if recipe == "step_mask_learning":
+        cb = recipe_callbacks[0]
+        assert isinstance(cb, STEPCallback) and cb.masks_active, "STEP did not switch"
+        if warmup < 1:
+            raise ValueError("step_mask_learning needs --warmup >= 1 (its first step is the precondition step).")
+    if recipe == "step_precondition":
+        assert not recipe_callbacks[0].masks_active, "STEP precondition switched during the benchmark"  # type: ignore[attr-defined]
+    times = timer.step_times(warmup)
+    if len(times) != steps:
+        raise RuntimeError(f"{recipe}: expected {steps} timed steps, got {len(times)}")
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and tables
+# --------------------------------------------------------------------------------------------------
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: Sequence[float]) -> str:
+    """``min-max`` of a sample, for the tables."""
+    return f"{min(xs):.3f}-{max(xs):.3f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    aligns = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def round_orders(recipes: Sequence[str], rounds: int) -> Iterator[list[str]]:
+    """Alternate forward and reverse order between rounds, so slow drift does not favour one recipe."""
+    for r in range(rounds):
+        yield list(recipes) if r % 2 == 0 else list(reversed(recipes))
+
+
+def bench_training(args: argparse.Namespace) -> None:
+    works = workloads(args.quick)
+    for name in args.models:
+        work = works[name]
+        torch.manual_seed(0)
+        init_state = copy.deepcopy(work.build().state_dict())
+        per_round: dict[str, list[list[float]]] = {r: [] for r in args.recipes}
+        t0 = time.perf_counter()
+        for order in round_orders(args.recipes, args.rounds):
+            for recipe in order:
+                per_round[recipe].append(time_fit(work, init_state, recipe, args.steps, args.warmup))
+        wall = time.perf_counter() - t0
+        base = [median(ts) for ts in per_round["adamw"]] if "adamw" in per_round else None
+        rows = []
+        for recipe in args.recipes:
+            all_times = [t for ts in per_round[recipe] for t in ts]
+            if base is not None:
+                ratios = [median(ts) / b for ts, b in zip(per_round[recipe], base, strict=True)]
+                ratio, ratio_range = f"{median(ratios):.3f}", spread(ratios)
+            else:
+                ratio = ratio_range = "n/a"
+            rows.append([RECIPE_LABELS[recipe], f"{median(all_times):.3f}", ratio, ratio_range])
+        print(f"### Step time: {work.label}\n")
+        print(f"{args.rounds} rounds x {args.steps} timed steps per recipe (after {args.warmup} warm-up steps "
+              f"per fit); {wall:.0f} s in all.\n")
+        print(table(["recipe", "median step [s]", "x dense AdamW (median of rounds)", "per-round range"], rows))
+        print()
+        sys.stdout.flush()
+
+
+def naive_topk_mask(w: Tensor, n: int, m: int) -> Tensor:
+    """The textbook N:M mask along the last axis: topk of |w| per group, scattered into a bool tensor."""
+    idx = w.abs().view(-1, m).topk(n, dim=1).indices
+    return torch.zeros(idx.shape[0], m, dtype=torch.bool).scatter_(1, idx, True).view_as(w)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def bench_nm_mask(args: argparse.Namespace) -> None:
+    size = 1024 if args.quick else 4096
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    for n, m in ((2, 4), (1, 8)):
+        assert torch.equal(nm_mask(w, n, m).sum(), naive_topk_mask(w, n, m).sum())
+    cases: dict[str, Callable[[], Any]] = {
+        "clone": lambda: w.clone(),
+        "nm_mask 2:4": lambda: nm_mask(w, 2, 4),
+        "topk+scatter 2:4": lambda: naive_topk_mask(w, 2, 4),
+        "nm_mask 1:8": lambda: nm_mask(w, 1, 8),
+        "topk+scatter 1:8": lambda: naive_topk_mask(w, 1, 8),
+    }
+    for fn in cases.values():  # warm-up (lookup tables, allocator)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.mask_repeats):
+        for k, fn in cases.items():
+            times[k].append(timed(fn))
+
+    def ratio(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    print(f"### nm_mask, {size}x{size} fp32 weight, layout linear\n")
+    print(f"{args.mask_repeats} interleaved repeats; ratios are medians of per-repeat ratios.\n")
+    rows = [[k, f"{1e3 * median(v):.1f}"] for k, v in times.items()]
+    print(table(["operation", "median [ms]"], rows))
+    print()
+    rows = []
+    for nm in ("2:4", "1:8"):
+        rows.append([nm, f"{ratio(f'nm_mask {nm}', 'clone'):.2f}", f"{ratio(f'topk+scatter {nm}', 'clone'):.2f}",
+                     f"{ratio(f'topk+scatter {nm}', f'nm_mask {nm}'):.2f}"])
+    print(table(["N:M", "nm_mask / clone", "topk+scatter / clone", "topk+scatter / nm_mask (speed-up)"], rows))
+    print()
+    sys.stdout.flush()
+
+
+def bench_optimizer(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    ref = cifar_resnet18()
+    params_a = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
+    params_b = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
+    g = torch.Generator().manual_seed(1)
+    for pa, pb in zip(params_a, params_b, strict=True):
+        grad = torch.randn(pa.shape, generator=g) * 1e-2
+        pa.grad = grad.clone()
+        pb.grad = grad.clone()
+    adamw = torch.optim.AdamW(params_a, lr=LR, weight_decay=1e-2, foreach=True)
+    step = StepAdamW(params_b, lr=LR, weight_decay=1e-2)
+    weights = [p for p in params_b if p.dim() >= 2]
+    numel = sum(p.numel() for p in params_a)
+
+    def run_phase(label: str) -> list[str]:
+        for _ in range(2):  # warm-up
+            adamw.step()
+            step.step()
+        ta: list[float] = []
+        tb: list[float] = []
+        for _ in range(args.opt_repeats):
+            ta.append(timed(adamw.step))
+            tb.append(timed(step.step))
+        ratios = [b / a for a, b in zip(ta, tb, strict=True)]
+        return [label, f"{1e3 * median(ta):.1f}", f"{1e3 * median(tb):.1f}", f"{median(ratios):.3f}", spread(ratios)]
+
+    rows = [run_phase("before freezing, no watch")]
+    step.watch(weights)
+    rows.append(run_phase("before freezing, watch(all >=2-D weights)"))
+    step.watch([])
+    step.freeze_second_moment(weights)
+    rows.append(run_phase("after freezing all >=2-D weights"))
+    print(f"### Optimizer step, ResNet-18 parameters ({len(params_a)} tensors, {numel / 1e6:.1f} M), random grads\n")
+    print(f"{args.opt_repeats} interleaved repeats; ratio = median of per-repeat StepAdamW / AdamW.\n")
+    print(table(["StepAdamW state", "AdamW(foreach) [ms]", "StepAdamW [ms]", "StepAdamW / AdamW", "range"], rows))
+    print()
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4; --quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (default 3; --quick 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="discarded steps per fit (default 2; --quick 1)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
+    parser.add_argument("--mask-repeats", type=int, default=None, help="nm_mask repeats (default 15; --quick 3)")
+    parser.add_argument("--opt-repeats", type=int, default=None, help="optimizer-step repeats (default 20; --quick 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmarks")
+    parser.add_argument("--skip-micro", action="store_true", help="only the training-step benchmark")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small batches and weight, 1 round x 1 step; the numbers mean little")
+    args = parser.parse_args(argv)
+    defaults = {"rounds": (4, 1), "steps": (3, 1), "warmup": (2, 1), "mask_repeats": (15, 3), "opt_repeats": (20, 3)}
+    for key, (full, quick) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    args.models = [s.strip() for s in args.models.split(",") if s.strip()]
+    args.recipes = [s.strip() for s in args.recipes.split(",") if s.strip()]
+    for value, known, what in ((args.models, MODELS, "--models"), (args.recipes, RECIPES, "--recipes")):
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            parser.error(f"{what}: unknown {unknown}; choose from {list(known)}")
+    if "step_mask_learning" in args.recipes and args.warmup < 1:
+        parser.error("--warmup must be >= 1 when timing step_mask_learning (its first step precedes the switch)")
+    if min(args.rounds, args.steps, args.mask_repeats, args.opt_repeats) < 1:
+        parser.error("--rounds, --steps, --mask-repeats and --opt-repeats must be >= 1")
+    return args
+
+
+def quiet() -> None:
+    """Only the tables on stdout: silence Lightning's info messages and the usual warnings."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning",
+                 "step_lightning", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    quiet()
+    torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["overhead.py", *argv]))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"## {now} | torch {torch.__version__} | threads {torch.get_num_threads()} | `{command}`\n")
+    sys.stdout.flush()
+    t0 = time.perf_counter()
+    if not args.skip_training:
+        bench_training(args)
+    if not args.skip_micro:
+        bench_nm_mask(args)
+        bench_optimizer(args)
+    print(f"Total wall time {time.perf_counter() - t0:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""AutoSwitch: window mean below threshold after t_min, unconditional after t_max, never on NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step_lightning import AutoSwitch
+
+
+def feed(switch: AutoSwitch, values: list[float]) -> int | None:
+    for v in values:
+        if switch.observe(torch.tensor(v)):
+            return switch.t
+    return None
+
+
+def test_switches_when_window_mean_drops_below_threshold() -> None:
+    s = AutoSwitch(threshold=1.0, window=3, t_min=0, t_max=100)
+    # window means: 5, 5, 5, (5+5+0)/3=3.3, (5+0+0)/3=1.7, 0 -> switches at step 6
+    assert feed(s, [5, 5, 5, 0, 0, 0, 0]) == 6
+    assert s.switch_step == 6 and s.switched_by == "threshold" and s.switched
+    assert s.observe(torch.tensor(0.0)) is False  # once only
+
+
+def test_t_min_defaults_to_window_and_blocks_early_switch() -> None:
+    s = AutoSwitch(threshold=1.0, window=4, t_max=100)
+    assert s.t_min == 4
+    assert feed(s, [0, 0, 0, 0, 0]) == 5  # first allowed at t > t_min
+
+
+def test_t_max_switches_unconditionally() -> None:
+    s = AutoSwitch(threshold=1e-8, window=2, t_min=0, t_max=5)
+    assert feed(s, [1.0] * 10) == 6
+    assert s.switched_by == "t_max"
+
+
+def test_nan_never_switches_and_is_counted() -> None:
+    s = AutoSwitch(threshold=1.0, window=2, t_min=0, t_max=100)
+    assert feed(s, [float("nan"), 0.0, float("inf"), 0.0]) is None
+    assert s.num_nonfinite == 4  # each check sees a NaN/inf in the window
+    assert feed(s, [0.0]) == 5  # once the bad samples left the window
+
+
+def test_check_every_delays_the_test() -> None:
+    s = AutoSwitch(threshold=1.0, window=1, t_min=0, t_max=100, check_every=4)
+    assert feed(s, [0.0] * 10) == 4
+
+
+def test_window_defaults_to_one_over_one_minus_beta2() -> None:
+    assert AutoSwitch(t_max=10).window == 1000
+    assert AutoSwitch(t_max=10, beta2=0.98).window == 50
+
+
+def test_state_dict_roundtrip_continues_identically() -> None:
+    values = [3, 2, 2, 1, 1, 0.5, 0.2, 0.1, 0.1, 0.1]
+    full = AutoSwitch(threshold=0.5, window=3, t_min=2, t_max=100)
+    expected = feed(full, values)
+    part = AutoSwitch(threshold=0.5, window=3, t_min=2, t_max=100)
+    assert feed(part, values[:4]) is None
+    resumed = AutoSwitch(threshold=0.5, window=3, t_min=2, t_max=100)
+    resumed.load_state_dict(part.state_dict())
+    assert expected is not None and feed(resumed, values[4:]) == expected
+    assert resumed.switch_step == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(threshold=0.0, t_max=1), r"`threshold` must be a finite number > 0, got 0.0"),
+        (dict(t_max=None), r"`t_max` must be an integer >= 1"),
+        (dict(t_max=10, window=0), r"`window` must be an integer >= 1"),
+        (dict(t_max=10, t_min=-1), r"`t_min` must be an integer >= 0"),
+        (dict(t_max=10, statistic="median"), r"`statistic` must be one of \['reference', 'relative'\]"),
+        (dict(t_max=10, check_every=0), r"`check_every` must be an integer >= 1"),
+        (dict(t_max=10, beta2=1.0), r"`beta2` must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AutoSwitch(**kwargs)

@@ -1,0 +1,194 @@
+"""StepAdamW: AdamW before any freeze, the STEP update after, state that round-trips."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from step_lightning import StepAdamW
+
+
+def model_and_grads(seed: int = 0) -> tuple[nn.Module, list[list[torch.Tensor]]]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(6)]
+    return model, grads
+
+
+def run(model: nn.Module, opt: torch.optim.Optimizer, grads: list[list[torch.Tensor]]) -> None:
+    for step_grads in grads:
+        for p, g in zip(model.parameters(), step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_bitwise_equal_to_torch_adamw_before_freezing(weight_decay: float) -> None:
+    model, grads = model_and_grads()
+    twin = copy.deepcopy(model)
+    groups = lambda m: [  # noqa: E731
+        {"params": list(m[0].parameters()), "lr": 3e-3},
+        {"params": list(m[1].parameters()) + list(m[2].parameters()), "weight_decay": 0.0},
+    ]
+    ours = StepAdamW(groups(model), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay)
+    ref = torch.optim.AdamW(groups(twin), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay,
+                            foreach=True)
+    ours.watch(list(model[0].parameters()))  # measuring the statistic must not change the update
+    run(model, ours, grads)
+    run(twin, ref, grads)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ours.state.values(), ref.state.values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_closure_returns_loss() -> None:
+    model, _ = model_and_grads()
+    opt = StepAdamW(model.parameters())
+    x = torch.randn(4, 8)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    before = model[0].weight.detach().clone()
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and not torch.equal(before, model[0].weight)
+
+
+@pytest.mark.parametrize("bias_corrected", [False, True])
+def test_frozen_update_rule(bias_corrected: bool) -> None:
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(4, 8))
+    b = nn.Parameter(torch.randn(4))
+    lr, (beta1, beta2), eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.05
+    opt = StepAdamW([w, b], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd,
+                    frozen_bias_correction=bias_corrected)
+    for _ in range(3):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+    v_star = opt.state[w]["exp_avg_sq"].clone()
+    m = opt.state[w]["exp_avg"].clone()
+    opt.freeze_second_moment([w])
+    assert opt.is_frozen(w) and not opt.is_frozen(b)
+    assert "exp_avg_sq" not in opt.state[w] and opt.state[w]["frozen_step"] == 3
+    b_v_before = opt.state[b]["exp_avg_sq"].clone()
+
+    expected = w.detach().clone()
+    for k in (4, 5):
+        g = torch.randn_like(w)
+        w.grad, b.grad = g.clone(), torch.randn_like(b)
+        opt.step()
+        m = beta1 * m + (1 - beta1) * g
+        denom = ((v_star / (1 - beta2**3)).sqrt() + eps) if bias_corrected else (v_star.sqrt() + eps**0.75)
+        expected = expected * (1 - lr * wd) - lr * (m / (1 - beta1**k)) / denom
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=1e-7)
+    # The unfrozen parameter keeps updating its second moment.
+    assert not torch.equal(opt.state[b]["exp_avg_sq"], b_v_before)
+
+
+def test_frozen_eps_overrides_reference_default() -> None:
+    w = nn.Parameter(torch.zeros(2, 4))
+    opt = StepAdamW([w], frozen_eps=1e-3)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    opt.freeze_second_moment([w])
+    assert torch.equal(opt.state[w]["frozen_denom"], torch.full_like(w, 1e-3))
+
+
+def test_second_moment_stats_match_a_manual_computation() -> None:
+    torch.manual_seed(2)
+    w1, w2, other = (nn.Parameter(torch.randn(s)) for s in ((4, 8), (8,), (3,)))
+    opt = StepAdamW([{"params": [w1]}, {"params": [w2, other], "lr": 1e-4}], betas=(0.9, 0.99))
+    opt.watch([w1, w2])
+    old_v = [torch.zeros_like(w1), torch.zeros_like(w2)]
+    for _ in range(3):
+        for p in (w1, w2, other):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        new_v = [opt.state[p]["exp_avg_sq"] for p in (w1, w2)]
+        dv = torch.cat([(n - o).abs().flatten() for n, o in zip(new_v, old_v, strict=True)])
+        stats = opt.second_moment_stats
+        torch.testing.assert_close(stats["abs_dv"], dv.mean())
+        torch.testing.assert_close(stats["rel_dv"], dv.mean() / torch.cat([v.flatten() for v in new_v]).mean())
+        old_v = [v.clone() for v in new_v]
+    opt.freeze_second_moment([w1, w2])
+    for p in (w1, w2, other):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.second_moment_stats is None  # only frozen parameters were watched
+
+
+def test_state_dict_roundtrip_after_freeze_resumes_exactly() -> None:
+    model, grads = model_and_grads()
+    opt = StepAdamW(model.parameters(), lr=1e-2)
+    run(model, opt, grads[:3])
+    opt.freeze_second_moment([model[0].weight, model[2].weight])
+    run(model, opt, grads[3:4])
+
+    clone = copy.deepcopy(model)
+    state = copy.deepcopy(opt.state_dict())
+    opt2 = StepAdamW(clone.parameters(), lr=1e-2)
+    opt2.load_state_dict(state)
+    assert opt2.is_frozen(clone[0].weight) and opt2.is_frozen(clone[2].weight) and not opt2.is_frozen(clone[0].bias)
+    run(model, opt, grads[4:])
+    run(clone, opt2, grads[4:])
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mixed_dtypes() -> None:
+    a = nn.Parameter(torch.randn(4, 4))
+    b = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    opt = StepAdamW([a, b])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    opt.freeze_second_moment([b])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    assert opt.state[b]["frozen_denom"].dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=-1.0), r"`lr` must be a number >= 0, got -1.0"),
+        (dict(betas=(0.9, 1.0)), r"`betas` must be two numbers in \[0, 1\)"),
+        (dict(eps=0.0), r"`eps` must be > 0"),
+        (dict(weight_decay=-0.1), r"`weight_decay` must be >= 0"),
+        (dict(frozen_eps=0.0), r"`frozen_eps` must be > 0 or None"),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StepAdamW([nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_all_bad_hyperparameters_reported_at_once() -> None:
+    with pytest.raises(ValueError, match=r"`lr`.*; `eps`"):
+        StepAdamW([nn.Parameter(torch.zeros(1))], lr=-1, eps=-1)
+
+
+def test_freeze_errors() -> None:
+    w = nn.Parameter(torch.zeros(2, 4))
+    stranger = nn.Parameter(torch.zeros(3))
+    opt = StepAdamW([w])
+    with pytest.raises(ValueError, match=r"has not taken an optimizer step yet"):
+        opt.freeze_second_moment([w])
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not in this optimizer's param_groups"):
+        opt.freeze_second_moment([stranger])
+    with pytest.raises(ValueError, match=r"StepAdamW.watch: a parameter of shape \(3,\)"):
+        opt.watch([stranger])
+
+
+def test_sparse_gradients_rejected() -> None:
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = StepAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
