@@ -18,7 +18,6 @@ unscaled before ``on_before_optimizer_step``):
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -32,8 +31,6 @@ from typing_extensions import override
 
 from step_lightning.sparsity import MaskedWeights, SparseTarget, format_table, select_targets
 from step_lightning.sparsity.nm import check_nm
-
-log = logging.getLogger(__name__)
 
 
 def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: bool = True) -> int:
@@ -52,6 +49,15 @@ def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: b
     if value < (0 if allow_zero else 1):
         raise ValueError(f"`{arg}` must be >= {0 if allow_zero else 1}, got {value!r}.")
     return value
+
+
+def _recipe_names() -> set[str]:
+    names, todo = set(), [NMSparsityCallback]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__qualname__)
+        todo += cls.__subclasses__()
+    return names
 
 
 class NMSparsityCallback(Callback, ABC):
@@ -377,6 +383,20 @@ class NMSparsityCallback(Callback, ABC):
             for name, value in self._engine.dense_values().items():
                 if name in checkpoint["state_dict"]:
                     checkpoint["state_dict"][name] = value.clone()
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning restores callback state by `state_key` and silently skips keys it does not find, so a
+        # resume with another recipe or N:M would quietly start over: say what differs instead.
+        saved = [key for key in checkpoint.get("callbacks", {})
+                 if key.split("{")[0] in _recipe_names() and key != self.state_key]
+        if saved:
+            raise ValueError(
+                f"The checkpoint was written by {saved[0]} but this run configures {self.state_key}: resuming "
+                "with a different recipe or N:M would not continue the same run. Use the checkpoint's recipe and "
+                "N:M, or start a new run (load the weights into the model instead of passing `ckpt_path`)."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,261 @@
+"""Each recipe end to end with a real CPU Trainer on a tiny model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, is_nm_sparse
+from tests.conftest import TARGETS, TinyModule, tiny_loaders, tiny_trainer
+
+
+def layout(name: str) -> str:
+    return "conv" if "conv" in name else "linear"
+
+
+def all_nm(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(is_nm_sparse(tensors[n], 2, 4, layout(n)) for n in TARGETS)
+
+
+def fit(tmp_path: Path, callback: pl.Callback, optimizer: str = "step_adamw", **kwargs: Any) -> TinyModule:
+    pl.seed_everything(0)
+    model = TinyModule(optimizer)
+    model.record_train_weights = True
+    train, val = tiny_loaders()
+    kwargs.setdefault("val_check_interval", 4)
+    kwargs.setdefault("check_val_every_n_epoch", None)
+    tiny_trainer(tmp_path, [callback], **kwargs).fit(model, train, val)
+    return model
+
+
+def test_step_fixed_switch(tmp_path: Path) -> None:
+    cb = STEPCallback(switch=5)
+    model = fit(tmp_path, cb, max_steps=12)
+    assert cb.phase == "mask_learning" and cb.switch_step == 5 and cb.optimizer_steps == 12
+    # Training forward: dense for steps 1..5, N:M from step 6 on.
+    assert [all_nm(w) for w in model.train_weights] == [False] * 5 + [True] * 7
+    # Validation after steps 4, 8, 12: dense model before the switch, N:M after.
+    assert model.val_nm == [False, True, True]
+    opt = model.trainer.optimizers[0]
+    params = dict(model.named_parameters())
+    assert all(opt.is_frozen(params[n]) for n in TARGETS)
+    assert not any(opt.is_frozen(p) for n, p in params.items() if n not in TARGETS)
+    assert opt.state[params[TARGETS[0]]]["frozen_step"] == 5
+    # The trained dense shadow is not N:M; the model's N:M form is.
+    assert not all_nm(params)
+    assert all_nm(cb.masked_state_dict(model))
+
+
+def test_step_autoswitch_threshold_and_logging(tmp_path: Path) -> None:
+    # A relative threshold of 10 is always met: the switch comes right after t_min.
+    cb = STEPCallback(switch="auto", autoswitch_statistic="relative", autoswitch_threshold=10.0,
+                      autoswitch_window=2, autoswitch_t_min=3, autoswitch_t_max=0.9, per_layer_log_interval=1)
+    logger = CSVLogger(tmp_path, name="run")
+    fit(tmp_path, cb, max_steps=8, logger=logger)
+    assert cb.switch_step == 4 and cb.autoswitch is not None and cb.autoswitch.switched_by == "threshold"
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ["sparsity/phase", "sparsity/density", "sparsity/flip_rate", "sparsity/autoswitch_stat",
+                "sparsity/autoswitch_threshold", "sparsity/autoswitch_abs_dv", "sparsity/autoswitch_rel_dv",
+                "sparsity/switch_step", "sparsity/layers/net.fc1.weight/flip_rate",
+                "sparsity/layers/net.conv.weight/kept"]:
+        assert key in header, key
+
+
+def test_step_autoswitch_t_max_warns(tmp_path: Path) -> None:
+    cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=3)
+    with pytest.warns(UserWarning, match=r"reached autoswitch_t_max=3 without the reference statistic"):
+        fit(tmp_path, cb, max_steps=6)
+    assert cb.switch_step == 4 and cb.autoswitch.switched_by == "t_max"
+
+
+def test_step_switch_as_fraction(tmp_path: Path) -> None:
+    cb = STEPCallback(switch=0.25)
+    fit(tmp_path, cb, max_steps=12)
+    assert cb.switch_step == 3
+
+
+def test_srste_masks_from_the_first_step(tmp_path: Path) -> None:
+    cb = SRSTECallback(decay=2e-4)
+    model = fit(tmp_path, cb, optimizer="sgd", max_steps=6)
+    assert all(all_nm(w) for w in model.train_weights)
+    assert model.val_nm == [True]
+    assert all_nm(cb.masked_state_dict(model))
+
+
+class GradCapture(pl.Callback):
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self.grads:
+            params = dict(pl_module.named_parameters())
+            self.grads = {n: params[n].grad.clone() for n in TARGETS}
+            self.weights = {n: params[n].detach().clone() for n in TARGETS}
+
+
+@pytest.mark.parametrize("recipe", ["srste", "step"])
+def test_sr_ste_term_is_added_to_the_straight_through_gradient(tmp_path: Path, recipe: str) -> None:
+    captured = {}
+    for decay in (0.0, 0.5):
+        cb = SRSTECallback(decay=decay) if recipe == "srste" else STEPCallback(switch=1, sr_ste_decay=decay)
+        capture = GradCapture()
+        if recipe == "step":  # capture the first step after the switch
+            capture.grads = {"skip": torch.zeros(())}
+            capture.on_train_batch_end = lambda *a, c=capture: c.grads.pop("skip", None)  # type: ignore[method-assign]
+        pl.seed_everything(0)
+        model = TinyModule("sgd" if recipe == "srste" else "step_adamw")
+        train, _ = tiny_loaders()
+        tiny_trainer(tmp_path, [cb, capture], max_steps=2).fit(model, train)
+        captured[decay] = capture
+    plain, refined = captured[0.0], captured[0.5]
+    for n in TARGETS:
+        w = refined.weights[n]  # dense weights (restored before the step)
+        assert torch.equal(w, plain.weights[n])
+        pruned = w - w * _mask_of(w, n)
+        torch.testing.assert_close(refined.grads[n] - plain.grads[n], 0.5 * pruned)
+
+
+def _mask_of(w: torch.Tensor, name: str) -> torch.Tensor:
+    from step_lightning import nm_mask
+
+    return nm_mask(w, 2, 4, layout(name))
+
+
+def test_asp_prunes_once_and_keeps_the_mask(tmp_path: Path) -> None:
+    cb = ASPCallback(prune_at=4)
+    model = fit(tmp_path, cb, optimizer="adamw", max_steps=10)
+    assert [all_nm(w) for w in model.train_weights] == [False] * 4 + [True] * 6
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert all_nm(params)  # the weights themselves stay N:M after every step
+    assert model.val_nm == [True, True]
+    # The mask never changed: the zeros after the last step are where the first pruned forward had them.
+    first = model.train_weights[4]
+    for n in TARGETS:
+        assert torch.equal(params[n] == 0, first[n] == 0)
+
+
+def test_asp_prune_at_zero_and_fraction(tmp_path: Path) -> None:
+    model = fit(tmp_path, ASPCallback(prune_at=0), optimizer="adamw", max_steps=3)
+    assert all(all_nm(w) for w in model.train_weights)
+    cb = ASPCallback(prune_at=0.5)
+    fit(tmp_path, cb, optimizer="adamw", max_steps=8)
+    assert cb.prune_step == 4
+
+
+def test_gradient_accumulation_keeps_the_mask_across_micro_batches(tmp_path: Path) -> None:
+    cb = STEPCallback(switch=2)
+    model = fit(tmp_path, cb, max_steps=5, accumulate_grad_batches=2)
+    assert cb.optimizer_steps == 5 and cb.switch_step == 2
+    seen = model.train_weights
+    assert len(seen) == 10
+    # Micro-batches of one optimizer step see identical weights; after the switch they are N:M.
+    for a, b in zip(seen[0::2], seen[1::2], strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in TARGETS)
+    assert [all_nm(w) for w in seen[0::2]] == [False, False, True, True, True]
+
+
+def test_bf16_mixed_precision(tmp_path: Path) -> None:
+    cb = STEPCallback(switch=3)
+    model = fit(tmp_path, cb, max_steps=6, precision="bf16-mixed")
+    assert cb.switch_step == 3 and model.val_nm[-1]
+
+
+@pytest.mark.slow
+def test_torch_compiled_model_sees_the_masked_weights(tmp_path: Path) -> None:
+    cb = STEPCallback(switch=2)
+    pl.seed_everything(0)
+    model = TinyModule()
+    model.net = torch.compile(model.net, backend="aot_eager")
+    train, val = tiny_loaders()
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=6)
+    trainer.fit(model, train)
+    preds = torch.cat(trainer.predict(model, val))
+    eager = TinyModule()
+    eager.net.load_state_dict({k.removeprefix("net._orig_mod."): v for k, v in cb.masked_state_dict(model).items()})
+    eager.eval()
+    expected = torch.cat([eager(x) for x, _ in val])
+    torch.testing.assert_close(preds, expected)
+
+
+def test_validate_and_predict_outside_fit_use_the_nm_model(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = TinyModule()
+    _, val = tiny_loaders()
+    cb = STEPCallback()
+    trainer = tiny_trainer(tmp_path, [cb])
+    trainer.validate(model, val)
+    assert model.val_nm == [True]
+    preds = torch.cat(trainer.predict(model, val))
+    masked = TinyModule()
+    masked.load_state_dict(cb.masked_state_dict(model))
+    masked.eval()
+    torch.testing.assert_close(preds, torch.cat([masked(x) for x, _ in val]))
+    # Evaluation leaves the dense weights as they were.
+    assert not all_nm(dict(model.named_parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a user can trigger
+# ------------------------------------------------------------------------------------------------
+def test_step_with_another_optimizer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"needs the masked weights to be optimized by one step_lightning.StepAdamW.*"
+                                         r"got \['AdamW'\]"):
+        fit(tmp_path, STEPCallback(), optimizer="adamw", max_steps=1)
+
+
+def test_two_recipe_callbacks(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, _ = tiny_loaders()
+    trainer = tiny_trainer(tmp_path, [STEPCallback(), SRSTECallback()], max_steps=1)
+    with pytest.raises(ValueError, match=r"Only one N:M recipe callback per Trainer, got \['SRSTECallback', "
+                                         r"'STEPCallback'\]"):
+        trainer.fit(TinyModule(), train)
+
+
+def test_no_maskable_layer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no weight of TinyModule can be masked 2:4 \(include=\['nothing'\]"):
+        fit(tmp_path, SRSTECallback(include=["nothing"]), max_steps=1)
+
+
+def test_fraction_without_run_length(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"`switch`=0.5 is a fraction of the run, but the run has no finite length"):
+        fit(tmp_path, STEPCallback(switch=0.5), max_steps=-1, max_epochs=-1, max_time="00:00:00:05")
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: STEPCallback(n=4, m=4), "need 0 < n < m"),
+        (lambda: STEPCallback(switch=0), r"`switch` must be >= 1, got 0"),
+        (lambda: STEPCallback(switch=1.5), r"`switch`=1.5 as a float is a fraction.*must be in \(0, 1\)"),
+        (lambda: STEPCallback(switch="sometimes"), r"`switch` must be an int.*or \"auto\" for AutoSwitch"),
+        (lambda: STEPCallback(autoswitch_t_max=None), r"`autoswitch_t_max` is required with switch='auto'"),
+        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of"),
+        (lambda: STEPCallback(autoswitch_threshold=-1.0), r"`threshold` must be a finite number > 0"),
+        (lambda: STEPCallback(sr_ste_decay=-1.0), r"`sr_ste_decay` must be a number >= 0"),
+        (lambda: SRSTECallback(decay=-2e-4), r"`decay` \(SR-STE lambda_w\) must be a number >= 0"),
+        (lambda: SRSTECallback(mask_update_interval=0), r"`mask_update_interval` must be an integer >= 1"),
+        (lambda: ASPCallback(prune_at=-1), r"`prune_at` must be >= 0, got -1"),
+        (lambda: ASPCallback(prune_at=2.0), r"`prune_at`=2.0 as a float is a fraction"),
+        (lambda: SRSTECallback(include=["("]), r"`include` holds an invalid regular expression"),
+    ],
+)
+def test_bad_constructor_arguments(factory: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_step_reports_every_problem_at_once() -> None:
+    with pytest.raises(ValueError, match=re.compile(r"`switch`.*; `sr_ste_decay`.*; `autoswitch_statistic`")):
+        STEPCallback(switch=-3, sr_ste_decay=-1.0, autoswitch_statistic="x")  # type: ignore[arg-type]
+
+
+def test_stepadamw_exported() -> None:
+    assert issubclass(StepAdamW, torch.optim.Optimizer)

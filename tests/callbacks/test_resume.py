@@ -1,0 +1,95 @@
+"""Crash and resume on both sides of the switch: the same final state as an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from step_lightning import ASPCallback, SRSTECallback, STEPCallback
+from tests.conftest import TARGETS, TinyModule, tiny_loaders, tiny_trainer
+
+MAX_STEPS = 12  # 4 batches per epoch: checkpoints after steps 4 (before the switch) and 8 (after it)
+
+
+def make_recipe(recipe: str) -> tuple[pl.Callback, str]:
+    if recipe == "step_fixed":
+        return STEPCallback(switch=6), "step_adamw"
+    if recipe == "step_auto":
+        return STEPCallback(switch="auto", autoswitch_window=3, autoswitch_t_max=5), "step_adamw"
+    if recipe == "asp":
+        return ASPCallback(prune_at=6), "adamw"
+    return SRSTECallback(mask_update_interval=3), "adamw"
+
+
+def run(tmp_path: Path, recipe: str, ckpt_path: Path | None = None) -> tuple[TinyModule, Any, ModelCheckpoint]:
+    pl.seed_everything(0 if ckpt_path is None else 123)  # a resumed run must not depend on the fresh init
+    callback, optimizer = make_recipe(recipe)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4,
+                                  save_top_k=-1)
+    model = TinyModule(optimizer)
+    train, _ = tiny_loaders(n=32)
+    trainer = tiny_trainer(tmp_path, [callback, checkpoints], max_steps=MAX_STEPS, enable_checkpointing=True)
+    trainer.fit(model, train, ckpt_path=ckpt_path)
+    return model, callback, checkpoints
+
+
+@pytest.mark.parametrize("recipe", ["step_fixed", "step_auto", "asp", "srste"])
+def test_resume_equals_uninterrupted(tmp_path: Path, recipe: str) -> None:
+    full_model, full_cb, _ = run(tmp_path / "full", recipe)
+    for step in (4, 8):
+        ckpt = tmp_path / "full" / "ckpt" / f"step={step}.ckpt"
+        model, cb, _ = run(tmp_path / f"resume{step}", recipe, ckpt)
+        for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (step, name)
+        assert cb.optimizer_steps == full_cb.optimizer_steps == MAX_STEPS
+        if recipe.startswith("step"):
+            assert cb.switch_step == full_cb.switch_step == 6 and cb.phase == "mask_learning"
+        full_masks, masks = full_cb._engine.masks, cb._engine.masks
+        assert all(torch.equal(a, b) for a, b in zip(full_masks, masks, strict=True))
+        full_opt, opt = full_model.trainer.optimizers[0], model.trainer.optimizers[0]
+        for sa, sb in zip(full_opt.state.values(), opt.state.values(), strict=True):
+            assert sa.keys() == sb.keys()
+            assert all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+
+
+def test_checkpoint_saved_while_masked_holds_dense_weights(tmp_path: Path) -> None:
+    class SaveMidStep(pl.Callback):
+        def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+            if trainer.global_step == 3:
+                self.masked = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+            if trainer.global_step == 3:
+                self.dense = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    saver = SaveMidStep()
+    train, _ = tiny_loaders()
+    tiny_trainer(tmp_path, [SRSTECallback(), saver], max_steps=5).fit(TinyModule("adamw"), train)
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]
+    for n in TARGETS:
+        assert not torch.equal(saver.masked[n], saver.dense[n])
+        assert torch.equal(state[n], saver.dense[n])
+
+
+@pytest.mark.parametrize(
+    ("resume_with", "message"),
+    [
+        (lambda: STEPCallback(n=1, m=4, switch=6), r"written by STEPCallback\{'n': 2, 'm': 4\} but this run configures "
+                                                   r"STEPCallback\{'n': 1, 'm': 4\}"),
+        (lambda: SRSTECallback(), r"written by STEPCallback\{'n': 2, 'm': 4\} but this run configures SRSTECallback"),
+        (lambda: STEPCallback(switch=6, exclude=["fc2"]), r"masks a different set of weights.*Only in the checkpoint: "
+                                                          r"\['net.fc2.weight'\]; only in this run: \[\]"),
+    ],
+)
+def test_resume_with_a_different_recipe_is_an_error(tmp_path: Path, resume_with: Any, message: str) -> None:
+    run(tmp_path / "full", "step_fixed")
+    train, _ = tiny_loaders(n=32)
+    trainer = tiny_trainer(tmp_path, [resume_with()], max_steps=MAX_STEPS)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(TinyModule(), train, ckpt_path=tmp_path / "full" / "ckpt" / "step=8.ckpt")
