@@ -60,7 +60,7 @@ def test_example_and_ties_go_to_lower_index() -> None:
     assert nm_mask(torch.tensor([[0.1, -0.9, 0.5, 0.2]]), 2, 4).tolist() == [[False, True, True, False]]
     assert nm_mask(torch.tensor([[1.0, -1.0, 1.0, -1.0]]), 2, 4).tolist() == [[True, True, False, False]]
     assert nm_mask(torch.zeros(1, 8), 1, 8).tolist() == [[True] + [False] * 7]
-    assert nm_mask(torch.tensor([[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]]), 4, 8).tolist() == [[True] * 4 + [False] * 4]
+    assert nm_mask(torch.full((1, 8), 0.3), 4, 8).tolist() == [[True] * 4 + [False] * 4]
 
 
 def test_conv_groups_run_along_input_channels() -> None:

@@ -65,7 +65,7 @@ def test_embedding_first_means_no_raw_input_layer_and_tied_head_excluded() -> No
             self.lm_head = nn.Linear(16, 100, bias=False)
             self.lm_head.weight = self.wte.weight
 
-    targets, skipped = select_targets(LM(), 2, 4)
+    targets, _skipped = select_targets(LM(), 2, 4)
     assert names(targets) == ["proj.weight"]
 
 
@@ -73,7 +73,7 @@ def test_hf_gpt2_conv1d_layout() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
     model = transformers.GPT2LMHeadModel(config)
-    targets, skipped = select_targets(model, 2, 4)
+    targets, _skipped = select_targets(model, 2, 4)
     assert {t.name: t.layout for t in targets} == {
         "transformer.h.0.attn.c_attn.weight": "conv1d_hf",
         "transformer.h.0.attn.c_proj.weight": "conv1d_hf",
