@@ -291,10 +291,9 @@ class NMSparsityCallback(Callback, ABC):
         assert engine is not None
         sizes = engine.sizes(engine.params[0].device)
         kept = engine.kept() if self.masks_active else sizes
-        metrics: dict[str, Any] = {
-            "sparsity/phase": float(self.phase_code),
-            "sparsity/density": kept.sum() / sizes.sum(),
-        }
+        pl_module.log("sparsity/phase", float(self.phase_code), on_step=True, on_epoch=False, prog_bar=True,
+                      batch_size=1)
+        metrics: dict[str, Any] = {"sparsity/density": kept.sum() / sizes.sum()}
         flips = self._pending_flips
         if flips is not None:
             metrics["sparsity/flip_rate"] = flips.sum() / sizes.sum()

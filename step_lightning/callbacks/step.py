@@ -58,7 +58,9 @@ class STEPCallback(NMSparsityCallback):
             the run, or ``None`` (= the window length).
         autoswitch_t_max: switch unconditionally after this step: an int, or a float fraction of the run
             (default 0.5: the second half of the run always learns masks).
-        autoswitch_check_every: evaluate the test every this many steps (each test is one device sync).
+        autoswitch_check_every: evaluate the test every this many steps. Each test reads one scalar from
+            the device (a sync), so the default 10 keeps the hot path free of per-step syncs; the switch
+            then lands on a multiple of 10 (the reference tests every step: 1).
         mask_update_interval: optimizer steps between mask updates in phase 2 (reference: 1).
         per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
 
@@ -90,7 +92,7 @@ class STEPCallback(NMSparsityCallback):
         autoswitch_window: int | None = None,
         autoswitch_t_min: int | float | None = None,
         autoswitch_t_max: int | float = 0.5,
-        autoswitch_check_every: int = 1,
+        autoswitch_check_every: int = 10,
         mask_update_interval: int = 1,
         per_layer_log_interval: int = 10,
     ) -> None:
@@ -224,8 +226,10 @@ class STEPCallback(NMSparsityCallback):
                 return
             decide = self.autoswitch.observe(stats["abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"])
             # Decide on rank 0 and broadcast, so every rank switches at the same step by construction.
+            # Every rank reaches this at the same steps (check steps, and the t_max step).
             if self.autoswitch.t % self.autoswitch.check_every == 0 or decide:
                 decide = trainer.strategy.broadcast(decide, src=0)
+                self.autoswitch.sync_decision(decide)
             if decide:
                 if self.autoswitch.switched_by == "t_max":
                     rank_zero_warn(

@@ -89,7 +89,7 @@ class AutoSwitch:
         self.check_every = check_every
         self.t = 0
         self.switch_step: int | None = None
-        self.switched_by: Literal["threshold", "t_max"] | None = None
+        self.switched_by: Literal["threshold", "t_max", "rank0"] | None = None
         self.num_nonfinite = 0
         self.last_window_mean: float | None = None
         self._buffer: Tensor | None = None
@@ -134,7 +134,14 @@ class AutoSwitch:
             return True
         return False
 
-    def _switch(self, why: Literal["threshold", "t_max"]) -> None:
+    def sync_decision(self, switched: bool) -> None:
+        """Adopt a decision taken elsewhere (rank 0 under DDP) for the step just observed."""
+        if switched and not self.switched:
+            self._switch("rank0")
+        elif not switched and self.switch_step == self.t:
+            self.switch_step, self.switched_by = None, None
+
+    def _switch(self, why: Literal["threshold", "t_max", "rank0"]) -> None:
         self.switch_step = self.t
         self.switched_by = why
 

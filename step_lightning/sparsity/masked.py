@@ -35,7 +35,8 @@ class MaskedWeights:
         self.targets = list(targets)
         self.params = [t.param for t in self.targets]
         self.masks: list[Tensor] | None = None
-        self._dense: list[Tensor] | None = None
+        self._dense: list[Tensor] | None = None  # the saved dense weights while masked ones are applied
+        self._buffers: list[Tensor] | None = None  # reused every step: no allocation in the hot path
 
     @property
     def names(self) -> list[str]:
@@ -105,7 +106,11 @@ class MaskedWeights:
         masks = self._require_masks() if masks is None else list(masks)
         if self.applied:
             return
-        self._dense = torch._foreach_mul(self.params, 1.0)
+        if self._buffers is None or any(b.device != p.device or b.dtype != p.dtype
+                                        for b, p in zip(self._buffers, self.params, strict=True)):
+            self._buffers = [torch.empty_like(p) for p in self.params]
+        torch._foreach_copy_(self._buffers, self.params)
+        self._dense = self._buffers
         torch._foreach_mul_(self.params, masks)
 
     @torch.no_grad()

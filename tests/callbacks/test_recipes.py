@@ -55,7 +55,8 @@ def test_step_fixed_switch(tmp_path: Path) -> None:
 def test_step_autoswitch_threshold_and_logging(tmp_path: Path) -> None:
     # A relative threshold of 10 is always met: the switch comes right after t_min.
     cb = STEPCallback(switch="auto", autoswitch_statistic="relative", autoswitch_threshold=10.0,
-                      autoswitch_window=2, autoswitch_t_min=3, autoswitch_t_max=0.9, per_layer_log_interval=1)
+                      autoswitch_window=2, autoswitch_t_min=3, autoswitch_t_max=0.9, per_layer_log_interval=1,
+                      autoswitch_check_every=1)
     logger = CSVLogger(tmp_path, name="run")
     fit(tmp_path, cb, max_steps=8, logger=logger)
     assert cb.switch_step == 4 and cb.autoswitch is not None and cb.autoswitch.switched_by == "threshold"

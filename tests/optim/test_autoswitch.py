@@ -79,3 +79,13 @@ def test_state_dict_roundtrip_continues_identically() -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AutoSwitch(**kwargs)
+
+
+def test_sync_decision_adopts_another_ranks_verdict() -> None:
+    s = AutoSwitch(threshold=1.0, window=1, t_min=0, t_max=100)
+    assert s.observe(torch.tensor(0.0))  # locally: switch at step 1 ...
+    s.sync_decision(False)  # ... but rank 0 did not
+    assert not s.switched
+    assert s.observe(torch.tensor(5.0)) is False
+    s.sync_decision(True)  # rank 0 switched at step 2
+    assert s.switch_step == 2 and s.switched_by == "rank0"
