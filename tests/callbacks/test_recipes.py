@@ -168,6 +168,23 @@ def test_bf16_mixed_precision(tmp_path: Path) -> None:
     assert cb.switch_step == 3 and model.val_nm[-1]
 
 
+def test_fp16_overflow_steps_are_not_counted(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class OverflowAtStep2(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if self.trainer.global_step == 2 else loss
+
+    cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=100, autoswitch_check_every=1)
+    train, _ = tiny_loaders()
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=6, plugins=[fp16])
+    trainer.fit(OverflowAtStep2(), train)
+    assert trainer.global_step == 6  # Lightning counts the skipped step ...
+    assert cb.optimizer_steps == 5 and cb.autoswitch.t == 5  # ... the recipe and AutoSwitch do not
+
+
 @pytest.mark.slow
 def test_torch_compiled_model_sees_the_masked_weights(tmp_path: Path) -> None:
     cb = STEPCallback(switch=2)
@@ -228,6 +245,27 @@ def test_no_maskable_layer(tmp_path: Path) -> None:
 def test_fraction_without_run_length(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"`switch`=0.5 is a fraction of the run, but the run has no finite length"):
         fit(tmp_path, STEPCallback(switch=0.5), max_steps=-1, max_epochs=-1, max_time="00:00:00:05")
+
+
+def test_masked_weight_outside_every_optimizer(tmp_path: Path) -> None:
+    class HeadOnly(TinyModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.net.head.parameters())
+
+    train, _ = tiny_loaders()
+    with pytest.raises(ValueError, match=r"these masked weights are in no optimizer: \['net.conv.weight'"):
+        tiny_trainer(tmp_path, [SRSTECallback()], max_steps=1).fit(HeadOnly(), train)
+
+
+def test_manual_optimization_is_refused(tmp_path: Path) -> None:
+    class Manual(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    train, _ = tiny_loaders()
+    with pytest.raises(ValueError, match=r"supports automatic optimization only; Manual.automatic_optimization is"):
+        tiny_trainer(tmp_path, [SRSTECallback()], max_steps=1).fit(Manual(), train)
 
 
 @pytest.mark.parametrize(

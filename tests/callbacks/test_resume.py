@@ -93,3 +93,15 @@ def test_resume_with_a_different_recipe_is_an_error(tmp_path: Path, resume_with:
     trainer = tiny_trainer(tmp_path, [resume_with()], max_steps=MAX_STEPS)
     with pytest.raises(ValueError, match=message):
         trainer.fit(TinyModule(), train, ckpt_path=tmp_path / "full" / "ckpt" / "step=8.ckpt")
+
+
+def test_resume_after_switch_without_frozen_optimizer_state(tmp_path: Path) -> None:
+    run(tmp_path / "full", "step_fixed")
+    ckpt = torch.load(tmp_path / "full" / "ckpt" / "step=8.ckpt", weights_only=False)
+    ckpt["optimizer_states"][0]["state"] = {}  # e.g. an optimizer state that does not belong to this run
+    torch.save(ckpt, tmp_path / "broken.ckpt")
+    train, _ = tiny_loaders(n=32)
+    trainer = tiny_trainer(tmp_path, [STEPCallback(switch=6)], max_steps=MAX_STEPS)
+    with pytest.raises(ValueError, match=r"phase 'mask_learning' but the optimizer state has no frozen second moment "
+                                         r"for \['net.conv.weight', 'net.fc1.weight', 'net.fc2.weight'\]"):
+        trainer.fit(TinyModule(), train, ckpt_path=tmp_path / "broken.ckpt")
