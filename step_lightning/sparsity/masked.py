@@ -1,11 +1,13 @@
 """Swapping masked weights in and out of a model, vectorised over all masked layers.
 
 The recipes keep **dense** weights ``w`` that the optimizer updates and run forward/backward with the
-**masked** weights ``w * mask``: :meth:`MaskedWeights.apply_` saves the dense values aside and masks
-the parameters in place, :meth:`MaskedWeights.restore_` puts the dense values back. A backward pass
-run in between produces ``dL/d(w * mask)`` in ``param.grad``: the straight-through estimator with no
-autograd overhead. Every operation is one multi-tensor (``torch._foreach_*``) call over all layers,
-so the cost is a few passes over the weights and no per-layer Python work beyond mask computation.
+**masked** weights ``w * mask``: :meth:`MaskedWeights.apply_` writes ``w * mask`` into a persistent
+buffer and swaps it in as the parameter's storage (``param.data``), :meth:`MaskedWeights.restore_`
+swaps the dense storage back. A backward pass run in between produces ``dL/d(w * mask)`` in
+``param.grad``: the straight-through estimator with no autograd overhead. The parameter objects never
+change (the optimizer, DDP's hooks and ``torch.compile`` keep seeing the same tensors, with the same
+shape, strides and dtype), and the whole swap costs one pass over the weights: the multiplication.
+Swapping storage does not suit sharded parameters (FSDP) or CUDA graphs that pin parameter addresses.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class MaskedWeights:
         self.targets = list(targets)
         self.params = [t.param for t in self.targets]
         self.masks: list[Tensor] | None = None
-        self._dense: list[Tensor] | None = None  # the saved dense weights while masked ones are applied
-        self._buffers: list[Tensor] | None = None  # reused every step: no allocation in the hot path
+        self._dense: list[Tensor] | None = None  # the dense storages while the masked ones are swapped in
+        self._buffers: list[Tensor] | None = None  # the masked storages, reused: no allocation per step
 
     @property
     def names(self) -> list[str]:
@@ -98,7 +100,7 @@ class MaskedWeights:
 
     @torch.no_grad()
     def apply_(self, masks: Sequence[Tensor] | None = None) -> None:
-        """Save the dense weights aside and mask the parameters in place.
+        """Swap ``w * mask`` in as the parameters' storage, keeping the dense storage aside.
 
         Args:
             masks: masks to use this once (e.g. for evaluation) instead of :attr:`masks`.
@@ -106,29 +108,36 @@ class MaskedWeights:
         masks = self._require_masks() if masks is None else list(masks)
         if self.applied:
             return
-        if self._buffers is None or any(b.device != p.device or b.dtype != p.dtype
-                                        for b, p in zip(self._buffers, self.params, strict=True)):
+        if self._buffers is None or any(
+            b.shape != p.shape or b.stride() != p.stride() or b.device != p.device or b.dtype != p.dtype
+            for b, p in zip(self._buffers, self.params, strict=True)
+        ):
             self._buffers = [torch.empty_like(p) for p in self.params]
-        torch._foreach_copy_(self._buffers, self.params)
-        self._dense = self._buffers
-        torch._foreach_mul_(self.params, masks)
+        dense = []
+        for p, mask, buf in zip(self.params, masks, self._buffers, strict=True):
+            torch.mul(p.data, mask, out=buf)
+            dense.append(p.data)
+            p.data = buf
+        self._dense = dense
 
     @torch.no_grad()
     def restore_(self, sr_ste_decay: float = 0.0) -> None:
-        """Put the dense weights back; optionally add the SR-STE term to the gradients first.
+        """Swap the dense storage back; optionally add the SR-STE term to the gradients first.
 
         Args:
             sr_ste_decay: ``lambda_w``; when non-zero, ``grad += lambda_w * (1 - mask) * w`` for every
                 parameter that has a gradient (``(1 - mask) * w`` is exactly ``w_dense - w_masked``).
         """
-        if self._dense is None:
+        dense = self._dense
+        if dense is None:
             return
         if sr_ste_decay:
             with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
             if with_grad:
-                pruned = torch._foreach_sub([self._dense[i] for i in with_grad], [self.params[i] for i in with_grad])
+                pruned = torch._foreach_sub([dense[i] for i in with_grad], [self.params[i].data for i in with_grad])
                 torch._foreach_add_([self.params[i].grad for i in with_grad], pruned, alpha=sr_ste_decay)
-        torch._foreach_copy_(self.params, self._dense)
+        for p, d in zip(self.params, dense, strict=True):
+            p.data = d
         self._dense = None
 
     @torch.no_grad()
