@@ -209,8 +209,7 @@ class StepAdamW(Optimizer):
         if watched:
             # |v_t - v_{t-1}| = (1 - beta2) |g^2 - v_{t-1}|, from the old v, before it is overwritten.
             w_grads = [grads[i] for i in watched]
-            dv = torch._foreach_mul(w_grads, w_grads)
-            torch._foreach_sub_(dv, [exp_avg_sqs[i] for i in watched])
+            dv = torch._foreach_addcmul([exp_avg_sqs[i] for i in watched], w_grads, w_grads, -1.0)  # v - g^2
             abs_dv_sums.append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
             del dv
         torch._foreach_mul_(exp_avg_sqs, beta2)
