@@ -85,6 +85,7 @@ class StepAdamW(Optimizer):
         super().__init__(params, defaults)
         self._watched: set[int] = set()
         self._watched_numel = 0
+        self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------
@@ -105,7 +106,17 @@ class StepAdamW(Optimizer):
         found = self._group_of(params, "watch")
         self._watched = {id(p) for p, _ in found}
         self._watched_numel = sum(p.numel() for p, _ in found)
+        self._scratch = {k: v for k, v in self._scratch.items() if k in self._watched}
         self.second_moment_stats = None
+
+    def _scratch_for(self, params: list[Tensor]) -> list[Tensor]:
+        out = []
+        for p in params:
+            buf = self._scratch.get(id(p))
+            if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
+                buf = self._scratch[id(p)] = torch.empty_like(p)
+            out.append(buf)
+        return out
 
     def is_frozen(self, param: Tensor) -> bool:
         return "frozen_denom" in self.state.get(param, {})
@@ -209,9 +220,12 @@ class StepAdamW(Optimizer):
         if watched:
             # |v_t - v_{t-1}| = (1 - beta2) |g^2 - v_{t-1}|, from the old v, before it is overwritten.
             w_grads = [grads[i] for i in watched]
-            dv = torch._foreach_addcmul([exp_avg_sqs[i] for i in watched], w_grads, w_grads, -1.0)  # v - g^2
+            # A scratch buffer kept while watching (phase 1 only, where the masked-forward buffers of
+            # phase 2 do not exist yet): a fresh allocation per step costs page faults on CPU.
+            dv = self._scratch_for([params[i] for i in watched])
+            torch._foreach_copy_(dv, [exp_avg_sqs[i] for i in watched])
+            torch._foreach_addcmul_(dv, w_grads, w_grads, -1.0)  # v - g^2
             abs_dv_sums.append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
-            del dv
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         if watched:
