@@ -24,8 +24,10 @@ class AutoSwitch:
     * ``t > t_max``, unconditionally (without it a run whose statistic never falls below the
       threshold would stay dense forever).
 
-    A window holding NaN/inf has a NaN/inf mean and never passes the threshold test; such samples are
-    counted in :attr:`num_nonfinite` so callers can report them.
+    A window holding NaN/inf has a NaN/inf mean and never passes the threshold test; such checks are
+    counted in :attr:`num_nonfinite` so callers can report them. Every check also appends
+    ``(step, window mean)`` to :attr:`history` (from the first check on, ``t_min`` or not), the curve
+    to plot against the threshold.
 
     Args:
         threshold: the switch threshold on the window mean. Reference: Adam's ``eps`` (1e-8) for the
@@ -92,6 +94,7 @@ class AutoSwitch:
         self.switched_by: Literal["threshold", "t_max", "rank0"] | None = None
         self.num_nonfinite = 0
         self.last_window_mean: float | None = None
+        self.history: list[tuple[int, float]] = []  # (step, window mean) at every check
         self._buffer: Tensor | None = None
 
     @property
@@ -122,14 +125,15 @@ class AutoSwitch:
         if self.t > self.t_max:
             self._switch("t_max")
             return True
-        if self.t % self.check_every != 0 or self.t <= self.t_min:
+        if self.t % self.check_every != 0:
             return False
         mean = float(self.window_mean())  # type: ignore[arg-type]  # the one host sync per check
         self.last_window_mean = mean
+        self.history.append((self.t, mean))
         if not math.isfinite(mean):
             self.num_nonfinite += 1
             return False
-        if mean < self.threshold:
+        if self.t > self.t_min and mean < self.threshold:
             self._switch("threshold")
             return True
         return False
@@ -151,6 +155,7 @@ class AutoSwitch:
             "statistic": self.statistic, "check_every": self.check_every, "t": self.t,
             "switch_step": self.switch_step, "switched_by": self.switched_by,
             "num_nonfinite": self.num_nonfinite, "last_window_mean": self.last_window_mean,
+            "history": list(self.history),
             "buffer": None if self._buffer is None else self._buffer.detach().cpu().clone(),
         }
 
@@ -158,6 +163,7 @@ class AutoSwitch:
         for key in ("threshold", "window", "t_min", "t_max", "statistic", "check_every", "t", "switch_step",
                     "switched_by", "num_nonfinite", "last_window_mean"):
             setattr(self, key, state[key])
+        self.history = [tuple(x) for x in state.get("history", [])]  # type: ignore[misc]
         buffer = state["buffer"]
         if buffer is not None and self._buffer is not None:
             buffer = buffer.to(self._buffer.device)

@@ -89,3 +89,12 @@ def test_sync_decision_adopts_another_ranks_verdict() -> None:
     assert s.observe(torch.tensor(5.0)) is False
     s.sync_decision(True)  # rank 0 switched at step 2
     assert s.switch_step == 2 and s.switched_by == "rank0"
+
+
+def test_history_records_every_check_and_survives_state_dict() -> None:
+    s = AutoSwitch(threshold=0.5, window=2, t_min=3, t_max=100, check_every=2)
+    assert feed(s, [4, 2, 2, 0, 0, 0]) == 6
+    assert s.history == [(2, 3.0), (4, 1.0), (6, 0.0)]  # checks before t_min are recorded too
+    twin = AutoSwitch(threshold=0.5, window=2, t_min=3, t_max=100, check_every=2)
+    twin.load_state_dict(s.state_dict())
+    assert twin.history == s.history
