@@ -51,13 +51,15 @@ def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: b
     return value
 
 
-def _recipe_names() -> set[str]:
-    names, todo = set(), [NMSparsityCallback]
+def recipe_classes() -> dict[str, type[NMSparsityCallback]]:
+    """Every recipe callback class (built-in and user subclasses) by name, as in checkpoint state keys."""
+    found: dict[str, type[NMSparsityCallback]] = {}
+    todo: list[type[NMSparsityCallback]] = [NMSparsityCallback]
     while todo:
         cls = todo.pop()
-        names.add(cls.__qualname__)
+        found[cls.__qualname__] = cls
         todo += cls.__subclasses__()
-    return names
+    return found
 
 
 class NMSparsityCallback(Callback, ABC):
@@ -108,6 +110,7 @@ class NMSparsityCallback(Callback, ABC):
         self._eval_applied = False
         self._pending_flips: Tensor | None = None
         self._log_calls = 0
+        self.last_flips: Tensor | None = None  # mask entries flipped per layer at the last tracked update
 
     # ----------------------------------------------------------------------------------------------
     # What a recipe decides
@@ -266,6 +269,7 @@ class NMSparsityCallback(Callback, ABC):
             self._last_mask_update = self._opt_steps
             if flips is not None:
                 self._pending_flips = flips
+                self.last_flips = flips
         engine.apply_()
 
     @override
@@ -389,7 +393,7 @@ class NMSparsityCallback(Callback, ABC):
         # Lightning restores callback state by `state_key` and silently skips keys it does not find, so a
         # resume with another recipe or N:M would quietly start over: say what differs instead.
         saved = [key for key in checkpoint.get("callbacks", {})
-                 if key.split("{")[0] in _recipe_names() and key != self.state_key]
+                 if key.split("{")[0] in recipe_classes() and key != self.state_key]
         if saved:
             raise ValueError(
                 f"The checkpoint was written by {saved[0]} but this run configures {self.state_key}: resuming "

@@ -235,7 +235,7 @@ class STEPCallback(NMSparsityCallback):
                     rank_zero_warn(
                         f"STEPCallback: AutoSwitch reached autoswitch_t_max={self.autoswitch.t_max} without the "
                         f"{self.autoswitch_statistic} statistic falling below {self.autoswitch.threshold:g} (last "
-                        f"window mean {self.autoswitch.last_window_mean}); switching now. Consider "
+                        f"checked window mean: {self.autoswitch.last_window_mean}); switching now. Consider "
                         "autoswitch_statistic='relative' or another threshold."
                     )
                 self._do_switch()

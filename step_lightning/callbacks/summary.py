@@ -1,0 +1,113 @@
+"""SparsitySummary: at the end of fit, the AutoSwitch curve and a per-layer table, in the logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from step_lightning.callbacks.base import NMSparsityCallback
+
+log = logging.getLogger(__name__)
+
+
+def recipe_of(trainer: pl.Trainer) -> NMSparsityCallback | None:
+    """The trainer's N:M recipe callback, if it has one."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, NMSparsityCallback)), None)
+
+
+def layer_table(recipe: NMSparsityCallback) -> str:
+    """Markdown table: masked weight, shape, N:M, kept fraction, flip rate at the last tracked mask update."""
+    engine = recipe._engine
+    if engine is None:
+        return ""
+    kept = (engine.kept() / engine.sizes(engine.params[0].device)).tolist()
+    flips = recipe.last_flips
+    rates = (flips / engine.sizes(flips.device)).tolist() if flips is not None else [None] * len(kept)
+    rows = ["| weight | shape | N:M | kept | flip rate (last logged update) |", "|---|---|---|---:|---:|"]
+    for t, k, r in zip(engine.targets, kept, rates, strict=True):
+        rate = "-" if r is None else f"{r:.2e}"
+        rows.append(f"| {t.name} | {'x'.join(map(str, t.shape))} | {t.n}:{t.m} | {k:.3f} | {rate} |")
+    return "\n".join(rows)
+
+
+def autoswitch_figure(history: list[tuple[int, float]], threshold: float, switch_step: int | None,
+                      statistic: str) -> Any:
+    """A matplotlib figure of the AutoSwitch window mean against its threshold, the switch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if history:
+        steps, means = zip(*history, strict=True)
+        ax.plot(steps, means, label=f"window mean ({statistic} statistic)")
+    ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
+    if switch_step is not None:
+        ax.axvline(switch_step, color="tab:green", linestyle=":", label=f"switch after step {switch_step}")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean |v_t - v_{t-1}|" if statistic == "reference" else "mean |dv| / mean v")
+    ax.set_title("STEP AutoSwitch")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+class SparsitySummary(Callback):
+    """Writes, at the end of ``fit``, what the N:M recipe did, next to the run's logs.
+
+    * ``sparsity/layers`` (TensorBoard text) and ``<log_dir>/sparsity_layers.md``: per masked weight,
+      its shape, N:M, kept fraction and last measured mask flip rate;
+    * ``sparsity/autoswitch`` (TensorBoard figure) and ``<log_dir>/autoswitch.png`` (STEP with
+      ``switch="auto"``): the AutoSwitch window mean at every check against its threshold, on a log
+      scale, with the switch step marked.
+
+    It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer and does nothing without one.
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: step_lightning.STEPCallback
+            - class_path: step_lightning.callbacks.SparsitySummary
+    """
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        recipe = recipe_of(trainer)
+        if recipe is None:
+            return
+        out_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        tb = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        table = layer_table(recipe)
+        if tb is not None:
+            tb.add_text("sparsity/layers", table, trainer.global_step)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "sparsity_layers.md").write_text(table + "\n")
+            self.files.append(out_dir / "sparsity_layers.md")
+        autoswitch = getattr(recipe, "autoswitch", None)
+        if autoswitch is None:
+            return
+        fig = autoswitch_figure(autoswitch.history, autoswitch.threshold, recipe.switch_step,  # type: ignore[attr-defined]
+                                autoswitch.statistic)
+        if out_dir is not None:
+            fig.savefig(out_dir / "autoswitch.png")
+            self.files.append(out_dir / "autoswitch.png")
+        if tb is not None:
+            tb.add_figure("sparsity/autoswitch", fig, trainer.global_step, close=False)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

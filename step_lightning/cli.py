@@ -1,0 +1,150 @@
+"""``python -m step_lightning``: LightningCLI with the quickstart as default, plus ``export``.
+
+Subcommands ``fit``, ``validate``, ``test``, ``predict`` are Lightning's (``--config`` stackable,
+``--print_config``, per-key overrides, ``class_path``/``init_args`` for model, data, optimizer (an
+argument of the model), scheduler and callbacks). Without ``--config`` they run
+``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class StepLightningCLI(LightningCLI):
+    """LightningCLI for step_lightning: derived values linked, TensorBoard under ``logs/<config name>``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=pl.LightningModule,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # the models take their optimizer as an argument
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"allow_abbrev": False},  # a typo must be an error, not a guess
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Derived values flow from the data to the model, never typed twice.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            ckpt = self.config_init[subcommand].get("ckpt_path")
+            first = str(err).strip().splitlines()
+            raise ValueError(
+                f"`--ckpt_path` {ckpt!r} was saved from a different model than the configured "
+                f"{type(self.model).__name__}: {' '.join(line.strip() for line in first[:3])} ... Pass the config the "
+                "checkpoint was trained with (it is saved as config.yaml next to its logs)."
+            ) from None
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("logger") in (None, True):
+            files = config.get("config") or []
+            name = Path(str(files[0])).stem if files else "default"
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "logs", "name": name},
+            }
+
+    def after_fit(self) -> None:
+        self._report_fit(self.trainer, self.model)
+
+    @staticmethod
+    def _report_fit(trainer: pl.Trainer, model: pl.LightningModule) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from step_lightning.callbacks.summary import recipe_of
+        from step_lightning.export import export_model
+
+        if not rank_zero_only.rank == 0:
+            return
+        lines = ["", "step_lightning fit finished."]
+        metrics = trainer.callback_metrics
+        for key in ("val/acc", "val/loss"):
+            if key in metrics:
+                lines.append(f"  final {key}: {float(metrics[key]):.4f}")
+        recipe = recipe_of(trainer)
+        if recipe is not None:
+            switch = getattr(recipe, "switch_step", None)
+            if hasattr(recipe, "switch_step"):
+                how = ""
+                autoswitch = getattr(recipe, "autoswitch", None)
+                if autoswitch is not None and autoswitch.switched_by:
+                    how = f" (AutoSwitch: {autoswitch.switched_by})"
+                lines.append(f"  switch step: {switch}{how}")
+            if trainer.log_dir:
+                export_dir = Path(trainer.log_dir) / "export"
+                result = export_model(model, recipe, export_dir, source="end of fit")
+                lines.append(f"  exported N:M model: {result.files[0]} (manifest {result.files[1].name})")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
+            lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
+        if trainer.log_dir:
+            lines.append(f"  logs: {trainer.log_dir}")
+            logger = trainer.logger
+            root = getattr(logger, "root_dir", None) or trainer.log_dir
+            lines.append(f"  open TensorBoard: tensorboard --logdir {root}")
+        print("\n".join(lines))
+
+
+def export_main(argv: Sequence[str]) -> None:
+    """``python -m step_lightning export --ckpt_path CKPT --output DIR [--semi_structured]``."""
+    from jsonargparse import ArgumentParser
+
+    from step_lightning.export import export_checkpoint
+
+    parser = ArgumentParser(prog="python -m step_lightning export",
+                            description="Write the N:M model of a checkpoint: model.pt (zeros in place), "
+                                        "sparsity.json, and a Hugging Face directory for HF models.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by `fit` (e.g. last.ckpt)")
+    parser.add_argument("--output", type=str, required=True, help="directory to write into")
+    parser.add_argument("--semi_structured", type=bool, default=False,
+                        help="also convert 2:4 Linear weights with torch.sparse.to_sparse_semi_structured "
+                             "(needs a CUDA GPU of compute capability >= 8.0)")
+    args = parser.parse_args(list(argv))
+    try:
+        result = export_checkpoint(args.ckpt_path, args.output, semi_structured=args.semi_structured)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(result.table)
+    print(f"Every listed weight is N:M. Wrote: {', '.join(str(f) for f in result.files)}")
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+    if argv and argv[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in argv):
+        if not any(a in ("-h", "--help") for a in argv):
+            return [argv[0], "--config", str(QUICKSTART), *argv[1:]]
+    return argv
+
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Entry point of ``python -m step_lightning`` and the ``step-lightning`` script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    argv = _with_default_config(argv)
+    if args is None:  # from the command line: LightningCLI reads sys.argv itself
+        sys.argv[1:] = argv
+        return StepLightningCLI()
+    return StepLightningCLI(args=argv)

@@ -1,0 +1,128 @@
+"""`python -m step_lightning`: the quickstart end to end, every shipped config, export, and user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from step_lightning import check_nm_sparse
+from step_lightning.cli import QUICKSTART, StepLightningCLI, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEBUG = CONFIGS / "debug.yaml"
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["step_lightning"])
+    return tmp_path
+
+
+def test_quickstart_fit_summary_export_and_validate(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli = main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG)])
+    out = capsys.readouterr().out
+    fit_acc = float(cli.trainer.callback_metrics["val/acc"])
+    assert f"final val/acc: {fit_acc:.4f}" in out
+    assert "switch step: " in out and "tensorboard --logdir logs/quickstart" in out
+    run_dir = in_tmp / "logs" / "quickstart" / "version_0"
+    assert f"exported N:M model: {Path('logs/quickstart/version_0/export/model.pt')}" in out
+    for name in ("config.yaml", "autoswitch.png", "sparsity_layers.md"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "| net.fc.0.weight | 128x64 | 2:4 | 0.500 |" in (run_dir / "sparsity_layers.md").read_text()
+
+    # The exported files: every listed target is a key of model.pt and is N:M.
+    state = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    manifest = json.loads((run_dir / "export" / "sparsity.json").read_text())
+    assert set(manifest["targets"]) == {"net.block1.0.weight", "net.block2.0.weight", "net.fc.0.weight"}
+    for name, spec in manifest["targets"].items():
+        check_nm_sparse(state[name], spec["n"], spec["m"], spec["layout"], name=name)
+
+    # validate from the last checkpoint evaluates the same N:M model: the same accuracy.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    val = main(["validate", "--config", str(QUICKSTART), "--config", str(DEBUG), "--ckpt_path", str(last)])
+    assert float(val.trainer.callback_metrics["val/acc"]) == pytest.approx(fit_acc, abs=1e-6)
+
+    # export from the checkpoint writes the same N:M weights.
+    capsys.readouterr()
+    main(["export", "--ckpt_path", str(last), "--output", "out"])
+    printed = capsys.readouterr().out
+    assert "net.block2.0.weight  64x64x3x3  conv    2:4  50.0" in printed and "Every listed weight is N:M" in printed
+    exported = torch.load(in_tmp / "out" / "model.pt", weights_only=True)
+    for name in manifest["targets"]:
+        assert torch.equal(exported[name], state[name])
+
+
+def test_fit_without_config_is_the_quickstart(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "step_lightning.data.DigitsDataModule" in printed and "step_lightning.STEPCallback" in printed
+    assert "step_lightning.StepAdamW" in printed
+
+
+def test_module_entry_point_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "step_lightning", "fit", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.rglob("*.yaml") if p.name != "debug.yaml"))
+def test_every_shipped_config_instantiates_with_the_debug_overlay(in_tmp: Path, config: str) -> None:
+    text = (CONFIGS / config).read_text()
+    assert text.startswith("# ") and "python -m step_lightning fit" in text  # says what it trains and how
+    cli = StepLightningCLI(args=["--config", str(CONFIGS / config), "--config", str(DEBUG)], run=False)
+    assert cli.trainer.max_epochs == 2 and cli.trainer.limit_train_batches == 6
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_typo_in_a_key(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.max_epoch", "1"])
+    assert "max_epoch" in capsys.readouterr().err
+
+
+def test_wrong_type(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.max_epochs", "many"])
+    err = capsys.readouterr().err
+    assert "trainer.max_epochs" in err and "many" in err
+
+
+def test_checkpoint_from_a_different_model(in_tmp: Path) -> None:
+    # A checkpoint written by the CLI carries its model's arguments, which LightningCLI applies; one
+    # without them (saved by other code) is checked against the configured model.
+    main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG), "--trainer.max_epochs", "1",
+          "--model.init_args.width", "48"])
+    ckpt = torch.load(in_tmp / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["hyper_parameters"]
+    torch.save(ckpt, in_tmp / "other.ckpt")
+    with pytest.raises(ValueError, match=r"`--ckpt_path` 'other.ckpt' was saved from a different model than the "
+                                         r"configured ImageClassifier: .*size mismatch"):
+        main(["validate", "--config", str(QUICKSTART), "--config", str(DEBUG), "--ckpt_path", "other.ckpt"])
+
+
+def test_export_errors(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", "missing.ckpt", "--output", "out"])
+    assert exit_info.value.code == 2
+    assert "`--ckpt_path` 'missing.ckpt' does not exist" in capsys.readouterr().err
+    (in_tmp / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", "broken.ckpt", "--output", "out"])
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a CUDA GPU")
+def test_semi_structured_explains_without_gpu(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "any.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", "any.ckpt", "--output", "out", "--semi_structured", "true"])
+    assert "needs a CUDA GPU of compute capability 8.0 or newer" in capsys.readouterr().err
