@@ -126,3 +126,13 @@ def test_semi_structured_explains_without_gpu(in_tmp: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", "any.ckpt", "--output", "out", "--semi_structured", "true"])
     assert "needs a CUDA GPU of compute capability 8.0 or newer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_quickstart_learns_an_accurate_2of4_model(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli = main(["fit"])
+    recipe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "STEPCallback")
+    assert recipe.autoswitch.switched_by == "threshold"  # AutoSwitch decided, before its t_max
+    assert recipe.switch_step < recipe.autoswitch.t_max
+    assert float(cli.trainer.callback_metrics["val/acc"]) > 0.95
+    assert "exported N:M model" in capsys.readouterr().out
