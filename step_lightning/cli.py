@@ -109,16 +109,16 @@ class StepLightningCLI(LightningCLI):
 
 def export_main(argv: Sequence[str]) -> None:
     """``python -m step_lightning export --ckpt_path CKPT --output DIR [--semi_structured]``."""
-    from jsonargparse import ArgumentParser
+    import argparse
 
     from step_lightning.export import export_checkpoint
 
-    parser = ArgumentParser(prog="python -m step_lightning export",
+    parser = argparse.ArgumentParser(prog="python -m step_lightning export",
                             description="Write the N:M model of a checkpoint: model.pt (zeros in place), "
                                         "sparsity.json, and a Hugging Face directory for HF models.")
-    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by `fit` (e.g. last.ckpt)")
-    parser.add_argument("--output", type=str, required=True, help="directory to write into")
-    parser.add_argument("--semi_structured", type=bool, default=False,
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `fit` (e.g. last.ckpt)")
+    parser.add_argument("--output", required=True, help="directory to write into")
+    parser.add_argument("--semi_structured", action="store_true",
                         help="also convert 2:4 Linear weights with torch.sparse.to_sparse_semi_structured "
                              "(needs a CUDA GPU of compute capability >= 8.0)")
     args = parser.parse_args(list(argv))

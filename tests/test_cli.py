@@ -124,7 +124,7 @@ def test_export_errors(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_semi_structured_explains_without_gpu(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (in_tmp / "any.ckpt").write_bytes(b"")
     with pytest.raises(SystemExit):
-        main(["export", "--ckpt_path", "any.ckpt", "--output", "out", "--semi_structured", "true"])
+        main(["export", "--ckpt_path", "any.ckpt", "--output", "out", "--semi_structured"])
     assert "needs a CUDA GPU of compute capability 8.0 or newer" in capsys.readouterr().err
 
 
