@@ -71,12 +71,11 @@ class StepLightningCLI(LightningCLI):
 
     @staticmethod
     def _report_fit(trainer: pl.Trainer, model: pl.LightningModule) -> None:
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
         from step_lightning.callbacks.summary import recipe_of
         from step_lightning.export import export_model
 
-        if not rank_zero_only.rank == 0:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero:
             return
         lines = ["", "step_lightning fit finished."]
         metrics = trainer.callback_metrics
@@ -92,17 +91,16 @@ class StepLightningCLI(LightningCLI):
                 if autoswitch is not None and autoswitch.switched_by:
                     how = f" (AutoSwitch: {autoswitch.switched_by})"
                 lines.append(f"  switch step: {switch}{how}")
-            if trainer.log_dir:
-                export_dir = Path(trainer.log_dir) / "export"
+            if log_dir:
+                export_dir = Path(log_dir) / "export"
                 result = export_model(model, recipe, export_dir, source="end of fit")
                 lines.append(f"  exported N:M model: {result.files[0]} (manifest {result.files[1].name})")
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
             lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
-        if trainer.log_dir:
-            lines.append(f"  logs: {trainer.log_dir}")
-            logger = trainer.logger
-            root = getattr(logger, "root_dir", None) or trainer.log_dir
+        if log_dir:
+            lines.append(f"  logs: {log_dir}")
+            root = getattr(trainer.logger, "root_dir", None) or log_dir
             lines.append(f"  open TensorBoard: tensorboard --logdir {root}")
         print("\n".join(lines))
 
@@ -124,7 +122,7 @@ def export_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(list(argv))
     try:
         result = export_checkpoint(args.ckpt_path, args.output, semi_structured=args.semi_structured)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(result.table)

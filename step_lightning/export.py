@@ -110,7 +110,11 @@ def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, outp
         for t in recipe.targets:
             if t.layout == "linear" and (t.n, t.m) == (2, 4):
                 dense = state[t.name].to("cuda", torch.float16)
-                sparse = to_sparse_semi_structured(dense)
+                try:
+                    sparse = to_sparse_semi_structured(dense)
+                except RuntimeError as err:
+                    raise RuntimeError(f"`--semi_structured`: {t.name} (shape {tuple(dense.shape)}) cannot be "
+                                       f"converted by to_sparse_semi_structured: {err}") from None
                 if not torch.equal(sparse.to_dense(), dense):
                     raise ValueError(f"Semi-structured conversion of {t.name} did not round-trip.")
                 converted[t.name] = {"packed": sparse.packed.cpu(), "meta": sparse.meta.cpu(),

@@ -136,3 +136,14 @@ def test_full_quickstart_learns_an_accurate_2of4_model(in_tmp: Path, capsys: pyt
     assert recipe.switch_step < recipe.autoswitch.t_max
     assert float(cli.trainer.callback_metrics["val/acc"]) > 0.95
     assert "exported N:M model" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quickstart_under_two_process_ddp(in_tmp: Path) -> None:
+    # CPU, gloo: the end-of-fit report and summary must not wait on a collective only rank 0 joins.
+    cmd = [sys.executable, "-m", "step_lightning", "fit", "--config", str(QUICKSTART), "--config", str(DEBUG),
+           "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=in_tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step_lightning fit finished.") == 1
+    assert (in_tmp / "logs" / "quickstart" / "version_0" / "export" / "model.pt").is_file()

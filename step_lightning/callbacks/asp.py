@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from step_lightning.callbacks.base import NMSparsityCallback, resolve_step
@@ -69,8 +69,12 @@ class ASPCallback(NMSparsityCallback):
 
     @override
     def _on_train_start(self, trainer: pl.Trainer) -> None:
+        total = trainer.estimated_stepping_batches
         if self.prune_step is None:
-            self.prune_step = resolve_step(self.prune_at, trainer.estimated_stepping_batches, "prune_at")
+            self.prune_step = resolve_step(self.prune_at, total, "prune_at")
+        if not self._pruned and self.prune_step >= total:
+            rank_zero_warn(f"ASPCallback: `prune_at`={self.prune_at} is at or after the run's last optimizer step "
+                           f"({total}): this run never prunes.")
         self._maybe_prune()
 
     def _maybe_prune(self) -> None:

@@ -312,15 +312,15 @@ class NMSparsityCallback(Callback, ABC):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # ----------------------------------------------------------------------------------------------
-    # Evaluation: always the N:M model once masks are in use, and outside `fit` always.
+    # Evaluation: always the N:M model.
     # ----------------------------------------------------------------------------------------------
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self._setup_targets(pl_module)
         if engine.applied:  # validation inside an accumulation window: already masked
             return
-        fitting = trainer.state.fn == "fit"
-        if fitting and not self.masks_active:
-            return  # the dense model is the one being trained (STEP precondition, ASP before pruning)
+        # Always the N:M model, also while the recipe trains densely (STEP's precondition, ASP before
+        # pruning): then with magnitude masks of the dense weights, so that `val/...` (and checkpoint
+        # selection on it) always measures what would be deployed.
         engine.apply_(engine.compute_masks() if self._fresh_masks() else engine.masks)
         self._eval_applied = True
 

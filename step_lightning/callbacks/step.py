@@ -24,7 +24,8 @@ class STEPCallback(NMSparsityCallback):
        :class:`~step_lightning.StepAdamW`. With ``switch="auto"`` the optimizer measures after each step
        how much Adam's second moment ``v`` still moves on the weights that will be masked, and
        :class:`~step_lightning.AutoSwitch` watches the window mean of that statistic. Validation
-       evaluates the dense model being trained.
+       evaluates the N:M model with magnitude masks of the dense weights (what a one-shot prune would
+       deploy), so ``val/...`` always measures an N:M model.
     2. **The switch** at step ``T0`` (``switch_step``): when the window mean falls below
        ``autoswitch_threshold`` after ``autoswitch_t_min`` steps, or unconditionally after
        ``autoswitch_t_max`` steps; or at the fixed step ``switch`` (an int, or a float fraction of the
@@ -181,6 +182,9 @@ class STEPCallback(NMSparsityCallback):
         total = trainer.estimated_stepping_batches
         if self.switch != "auto":
             self._fixed_switch = resolve_step(self.switch, total, "switch", allow_zero=False)  # type: ignore[arg-type]
+            if self._phase == "precondition" and self._fixed_switch >= total:
+                rank_zero_warn(f"STEPCallback: `switch`={self.switch} is at or after the run's last optimizer step "
+                               f"({total}): this run stays dense and never learns N:M masks.")
         elif self.autoswitch is None:
             beta2 = self._optimizer.param_groups[0]["betas"][1]
             t_max = resolve_step(self.autoswitch_t_max, total, "autoswitch_t_max", allow_zero=False)
@@ -192,6 +196,10 @@ class STEPCallback(NMSparsityCallback):
             if self._restored_autoswitch is not None:
                 self.autoswitch.load_state_dict(self._restored_autoswitch)
                 self._restored_autoswitch = None
+            if t_max >= total and self._phase == "precondition":
+                rank_zero_warn(f"STEPCallback: `autoswitch_t_max`={self.autoswitch_t_max} is at or after the run's "
+                               f"last optimizer step ({total}): unless AutoSwitch's threshold is met, this run stays "
+                               "dense and never learns N:M masks.")
             if self.autoswitch.t_min >= t_max:
                 rank_zero_warn(f"STEPCallback: autoswitch_t_min ({self.autoswitch.t_min}) >= autoswitch_t_max "
                                f"({t_max}): AutoSwitch will switch at step {t_max + 1} whatever the statistic.")
@@ -224,7 +232,12 @@ class STEPCallback(NMSparsityCallback):
             stats = self._optimizer.second_moment_stats
             if stats is None:
                 return
+            nonfinite = self.autoswitch.num_nonfinite
             decide = self.autoswitch.observe(stats["abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"])
+            if self.autoswitch.num_nonfinite > nonfinite:
+                rank_zero_warn(f"STEPCallback: the AutoSwitch window holds NaN/inf at optimizer step "
+                               f"{self.autoswitch.t} (phase 'precondition'); it cannot switch on the statistic until "
+                               "the window is finite again. Check the loss and the gradients.")
             # Decide on rank 0 and broadcast, so every rank switches at the same step by construction.
             # Every rank reaches this at the same steps (check steps, and the t_max step).
             if self.autoswitch.t % self.autoswitch.check_every == 0 or decide:
@@ -236,7 +249,7 @@ class STEPCallback(NMSparsityCallback):
                         f"STEPCallback: AutoSwitch reached autoswitch_t_max={self.autoswitch.t_max} without the "
                         f"{self.autoswitch_statistic} statistic falling below {self.autoswitch.threshold:g} (last "
                         f"checked window mean: {self.autoswitch.last_window_mean}); switching now. Consider "
-                        "autoswitch_statistic='relative' or another threshold."
+                        "another `autoswitch_threshold` or `autoswitch_statistic` (see sparsity/autoswitch_*)."
                     )
                 self._do_switch()
         elif self._fixed_switch is not None and self._opt_steps >= self._fixed_switch:
@@ -265,6 +278,7 @@ class STEPCallback(NMSparsityCallback):
             mean = self.autoswitch.window_mean()
             if mean is not None and self._phase == "precondition":
                 metrics["sparsity/autoswitch_window_mean"] = mean
+            metrics["sparsity/autoswitch_nonfinite_checks"] = float(self.autoswitch.num_nonfinite)
         if self._switch_step is not None:
             metrics["sparsity/switch_step"] = float(self._switch_step)
         return metrics

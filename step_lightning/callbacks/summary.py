@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from step_lightning.callbacks.base import NMSparsityCallback
-
-log = logging.getLogger(__name__)
 
 
 def recipe_of(trainer: pl.Trainer) -> NMSparsityCallback | None:
@@ -84,12 +80,12 @@ class SparsitySummary(Callback):
         self.files: list[Path] = []
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         recipe = recipe_of(trainer)
-        if recipe is None:
+        if recipe is None or not trainer.is_global_zero:
             return
-        out_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        out_dir = Path(log_dir) if log_dir else None
         tb = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         table = layer_table(recipe)
         if tb is not None:

@@ -88,6 +88,12 @@ class StepAdamW(Optimizer):
         self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups (deepcopy, pickling): watching is
+        # configuration, set again by whoever watches.
+        super().__setstate__(state)
+        self._watched, self._watched_numel, self._scratch, self.second_moment_stats = set(), 0, {}, None
+
     # ----------------------------------------------------------------------------------------------
     # Freezing and watching
     # ----------------------------------------------------------------------------------------------

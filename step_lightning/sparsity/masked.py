@@ -112,10 +112,13 @@ class MaskedWeights:
             b.shape != p.shape or b.stride() != p.stride() or b.device != p.device or b.dtype != p.dtype
             for b, p in zip(self._buffers, self.params, strict=True)
         ):
-            self._buffers = [torch.empty_like(p) for p in self.params]
+            # Not inference tensors even when first allocated under `trainer.validate`'s inference mode:
+            # training reuses them.
+            with torch.inference_mode(False):
+                self._buffers = [torch.empty_like(p) for p in self.params]
         dense = []
         for p, mask, buf in zip(self.params, masks, self._buffers, strict=True):
-            torch.mul(p.data, mask, out=buf)
+            torch.mul(p.data, mask.to(p.device), out=buf)
             dense.append(p.data)
             p.data = buf
         self._dense = dense
@@ -134,8 +137,10 @@ class MaskedWeights:
         if sr_ste_decay:
             with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
             if with_grad:
-                pruned = torch._foreach_sub([dense[i] for i in with_grad], [self.params[i].data for i in with_grad])
-                torch._foreach_add_([self.params[i].grad for i in with_grad], pruned, alpha=sr_ste_decay)
+                # The masked storage is not needed any more: turn it into -(1 - mask) * w in place.
+                masked = [self.params[i].data for i in with_grad]
+                torch._foreach_sub_(masked, [dense[i] for i in with_grad])
+                torch._foreach_add_([self.params[i].grad for i in with_grad], masked, alpha=-sr_ste_decay)
         for p, d in zip(self.params, dense, strict=True):
             p.data = d
         self._dense = None

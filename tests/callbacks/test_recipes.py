@@ -40,8 +40,8 @@ def test_step_fixed_switch(tmp_path: Path) -> None:
     assert cb.phase == "mask_learning" and cb.switch_step == 5 and cb.optimizer_steps == 12
     # Training forward: dense for steps 1..5, N:M from step 6 on.
     assert [all_nm(w) for w in model.train_weights] == [False] * 5 + [True] * 7
-    # Validation after steps 4, 8, 12: dense model before the switch, N:M after.
-    assert model.val_nm == [False, True, True]
+    # Validation after steps 4, 8, 12: always the N:M model (before the switch: magnitude masks).
+    assert model.val_nm == [True, True, True]
     opt = model.trainer.optimizers[0]
     params = dict(model.named_parameters())
     assert all(opt.is_frozen(params[n]) for n in TARGETS)
@@ -217,6 +217,47 @@ def test_validate_and_predict_outside_fit_use_the_nm_model(tmp_path: Path) -> No
     torch.testing.assert_close(preds, torch.cat([masked(x) for x, _ in val]))
     # Evaluation leaves the dense weights as they were.
     assert not all_nm(dict(model.named_parameters()))
+
+
+def test_validate_before_fit_then_train(tmp_path: Path) -> None:
+    # `trainer.validate` runs under inference mode; the masked-weight buffers it creates are reused by fit.
+    pl.seed_everything(0)
+    model = TinyModule("adamw")
+    train, val = tiny_loaders()
+    cb = SRSTECallback()
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=3)
+    trainer.validate(model, val)
+    trainer.fit(model, train)
+    assert cb.optimizer_steps == 3
+
+
+def test_nan_in_the_autoswitch_statistic_is_reported(tmp_path: Path) -> None:
+    class NaNAtStep2(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 2 else loss
+
+    cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_min=0, autoswitch_t_max=100,
+                      autoswitch_check_every=1)
+    train, _ = tiny_loaders()
+    with pytest.warns(UserWarning, match=r"AutoSwitch window holds NaN/inf at optimizer step 3"):
+        tiny_trainer(tmp_path, [cb], max_steps=5).fit(NaNAtStep2(), train)
+    assert not cb.autoswitch.switched and cb.autoswitch.num_nonfinite >= 1
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (lambda: STEPCallback(switch=50), r"`switch`=50 is at or after the run's last optimizer step \(6\): this run "
+                                          r"stays dense"),
+        (lambda: STEPCallback(autoswitch_t_max=60), r"`autoswitch_t_max`=60 is at or after the run's last"),
+        (lambda: ASPCallback(prune_at=6), r"`prune_at`=6 is at or after the run's last optimizer step \(6\): this run "
+                                          r"never prunes"),
+    ],
+)
+def test_switch_beyond_the_run_is_warned(tmp_path: Path, callback: Any, message: str) -> None:
+    with pytest.warns(UserWarning, match=message):
+        fit(tmp_path, callback(), optimizer="step_adamw", max_steps=6)
 
 
 # ------------------------------------------------------------------------------------------------

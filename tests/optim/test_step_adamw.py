@@ -192,3 +192,17 @@ def test_sparse_gradients_rejected() -> None:
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+def test_deepcopy_and_pickle_keep_state_and_drop_watching() -> None:
+    import pickle
+
+    model, grads = model_and_grads()
+    opt = StepAdamW(model.parameters())
+    opt.watch([model[0].weight])
+    run(model, opt, grads[:2])
+    opt.freeze_second_moment([model[0].weight])
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.state_dict()["state"][0]["frozen_step"] == 2
+        assert twin.second_moment_stats is None
+        twin.watch([])
