@@ -84,13 +84,12 @@ class StepLightningCLI(LightningCLI):
                 lines.append(f"  final {key}: {float(metrics[key]):.4f}")
         recipe = recipe_of(trainer)
         if recipe is not None:
-            switch = getattr(recipe, "switch_step", None)
-            if hasattr(recipe, "switch_step"):
-                how = ""
+            if hasattr(recipe, "switch_step"):  # STEP
                 autoswitch = getattr(recipe, "autoswitch", None)
-                if autoswitch is not None and autoswitch.switched_by:
-                    how = f" (AutoSwitch: {autoswitch.switched_by})"
-                lines.append(f"  switch step: {switch}{how}")
+                how = f" (AutoSwitch: {autoswitch.switched_by})" if autoswitch and autoswitch.switched_by else ""
+                lines.append(f"  switch step: {recipe.switch_step}{how}")
+            elif getattr(recipe, "prune_step", None) is not None:  # ASP
+                lines.append(f"  pruned at step: {recipe.prune_step}")  # type: ignore[attr-defined]
             if log_dir:
                 export_dir = Path(log_dir) / "export"
                 result = export_model(model, recipe, export_dir, source="end of fit")
@@ -111,9 +110,11 @@ def export_main(argv: Sequence[str]) -> None:
 
     from step_lightning.export import export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m step_lightning export",
-                            description="Write the N:M model of a checkpoint: model.pt (zeros in place), "
-                                        "sparsity.json, and a Hugging Face directory for HF models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m step_lightning export",
+        description="Write the N:M model of a checkpoint: model.pt (zeros in place), sparsity.json, and a Hugging "
+                    "Face directory for HF models.",
+    )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `fit` (e.g. last.ckpt)")
     parser.add_argument("--output", required=True, help="directory to write into")
     parser.add_argument("--semi_structured", action="store_true",
