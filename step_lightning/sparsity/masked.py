@@ -39,6 +39,7 @@ class MaskedWeights:
         self.masks: list[Tensor] | None = None
         self._dense: list[Tensor] | None = None  # the dense storages while the masked ones are swapped in
         self._buffers: list[Tensor] | None = None  # the masked storages, reused: no allocation per step
+        self._sizes: dict[torch.device, Tensor] = {}
 
     @property
     def names(self) -> list[str]:
@@ -75,7 +76,12 @@ class MaskedWeights:
         return torch.stack([(a != b).sum() for a, b in zip(old, new, strict=True)])
 
     def sizes(self, device: torch.device | None = None) -> Tensor:
-        return torch.tensor([p.numel() for p in self.params], device=device)
+        """Entries per masked weight, on ``device`` (cached: no host-to-device copy per logging step)."""
+        key = torch.device("cpu") if device is None else torch.device(device)
+        cached = self._sizes.get(key)
+        if cached is None:
+            cached = self._sizes[key] = torch.tensor([p.numel() for p in self.params], device=key)
+        return cached
 
     def kept(self) -> Tensor:
         """Kept mask entries per layer (device tensor); all entries while no masks exist."""
