@@ -21,8 +21,21 @@ QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+def run_name(config: str | Path) -> str:
+    """The TensorBoard name of a config's runs: its path below a ``configs`` folder, else its file name.
+
+    ``configs/cifar10/resnet18_step_2of4.yaml`` -> ``cifar10/resnet18_step_2of4``, so that same-named
+    configs of different tasks never share a log folder; ``my_run.yaml`` -> ``my_run``.
+    """
+    parts = Path(config).with_suffix("").parts
+    if "configs" in parts[:-1]:
+        below = parts[len(parts) - parts[::-1].index("configs"):]
+        return "/".join(below)
+    return parts[-1]
+
+
 class StepLightningCLI(LightningCLI):
-    """LightningCLI for step_lightning: derived values linked, TensorBoard under ``logs/<config name>``."""
+    """LightningCLI for step_lightning: derived values linked, TensorBoard under ``logs/<run_name(config)>``."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -41,6 +54,12 @@ class StepLightningCLI(LightningCLI):
         # Derived values flow from the data to the model, never typed twice.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.add_argument(
+            "--init_from", type=str | None, default=None,
+            help="fit only: copy the model weights of this checkpoint (a Lightning .ckpt or a plain state_dict "
+                 "file) into the model before training; a new run, unlike --ckpt_path, which resumes one. ASP "
+                 "configs fine-tune a trained dense model this way.")
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -60,11 +79,48 @@ class StepLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("logger") in (None, True):
             files = config.get("config") or []
-            name = Path(str(files[0])).stem if files else "default"
+            name = run_name(str(files[0])) if files else "default"
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "logs", "name": name},
             }
+
+    def before_fit(self) -> None:
+        init_from = self.config_init[self.subcommand].get("init_from")
+        if init_from:
+            from step_lightning.checkpointing import load_weights
+
+            load_weights(self.model, init_from)
+            print(f"Initialised {type(self.model).__name__} from --init_from {init_from}.")
+        self._warn_unpruned_asp(init_from)
+
+    def _warn_unpruned_asp(self, init_from: str | None) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        from step_lightning.callbacks.asp import ASPCallback
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ASPCallback) and callback.prune_at == 0 and not init_from:
+                ckpt = self.config_init[self.subcommand].get("ckpt_path")
+                if not ckpt:
+                    rank_zero_warn("ASPCallback prunes at step 0 but no `--init_from` checkpoint was given: ASP is "
+                                   "meant to prune a trained dense model (e.g. `--init_from "
+                                   "logs/<dense run>/version_0/checkpoints/last.ckpt`); this run prunes its random "
+                                   "initialisation.")
+
+    def before_validate(self) -> None:
+        self._reject_init_from()
+
+    def before_test(self) -> None:
+        self._reject_init_from()
+
+    def before_predict(self) -> None:
+        self._reject_init_from()
+
+    def _reject_init_from(self) -> None:
+        if self.config_init[self.subcommand].get("init_from"):
+            raise ValueError(f"`--init_from` initialises a new training run (`fit`); to {self.subcommand} a "
+                             "checkpoint pass it as `--ckpt_path`.")
 
     def after_fit(self) -> None:
         self._report_fit(self.trainer, self.model)

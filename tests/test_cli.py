@@ -74,7 +74,8 @@ def test_module_entry_point_help() -> None:
     assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.rglob("*.yaml") if p.name != "debug.yaml"))
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")
+                                           if p.name != "debug.yaml"))
 def test_every_shipped_config_instantiates_with_the_debug_overlay(in_tmp: Path, config: str) -> None:
     text = (CONFIGS / config).read_text()
     assert text.startswith("# ") and "python -m step_lightning fit" in text  # says what it trains and how

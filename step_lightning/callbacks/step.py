@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.base import NMSparsityCallback, resolve_step
+from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss, resolve_step
 from step_lightning.optim import STATISTICS, AutoSwitch, Statistic, StepAdamW
 
 Phase = Literal["precondition", "mask_learning"]
@@ -64,10 +64,18 @@ class STEPCallback(NMSparsityCallback):
             then lands on a multiple of 10 (the reference tests every step: 1).
         mask_update_interval: optimizer steps between mask updates in phase 2 (reference: 1).
         per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
+        on_nonfinite_loss: ``"warn"`` (default) or ``"raise"`` on a NaN/inf training loss; the message names
+            the first such optimizer step and its phase (see :class:`NMSparsityCallback`).
+
+    Under DDP every rank learns its masks locally; the AutoSwitch decision is taken on rank 0 and
+    broadcast, and at the switch and at the end of ``fit`` one ``all_gather`` checks that all ranks agree
+    on the switch step, the step count and every mask (a ``RuntimeError`` says which ranks differ).
 
     Raises:
         ValueError: invalid arguments (at construction), no maskable weight, or an optimizer that is
             not :class:`~step_lightning.StepAdamW` (at the start of ``fit``).
+        FloatingPointError: a non-finite training loss with ``on_nonfinite_loss="raise"``.
+        RuntimeError: DDP ranks that disagree on the switch step, the step count or the masks.
 
     Example::
 
@@ -79,6 +87,8 @@ class STEPCallback(NMSparsityCallback):
             - class_path: step_lightning.STEPCallback
               init_args: {n: 2, m: 4, switch: auto, autoswitch_t_max: 0.5}
     """
+
+    phase_names = ("precondition", "mask_learning")
 
     def __init__(
         self,
@@ -96,8 +106,9 @@ class STEPCallback(NMSparsityCallback):
         autoswitch_check_every: int = 10,
         mask_update_interval: int = 1,
         per_layer_log_interval: int = 10,
+        on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
-        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval)
+        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval, on_nonfinite_loss)
         problems = []
         if switch != "auto":
             try:
@@ -282,6 +293,10 @@ class STEPCallback(NMSparsityCallback):
         if self._switch_step is not None:
             metrics["sparsity/switch_step"] = float(self._switch_step)
         return metrics
+
+    @override
+    def _rank_scalars(self) -> dict[str, int | None]:
+        return {**super()._rank_scalars(), "switch step": self._switch_step}
 
     @override
     def _extra_state(self) -> dict[str, Any]:

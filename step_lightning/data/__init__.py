@@ -1,5 +1,7 @@
 """LightningDataModules. Each works offline from local data; downloads happen only in ``prepare_data``."""
 
+from step_lightning.data.cifar import CIFARDataModule
 from step_lightning.data.digits import DigitsDataModule
+from step_lightning.data.image_folder import ImageFolderDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule"]

@@ -10,9 +10,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from step_lightning.models.components.resnet import cifar_resnet
 from step_lightning.models.components.small_cnn import SmallCNN
+from step_lightning.models.components.vit import small_vit
+from step_lightning.models.optimization import configure_optimization
 
-Backbone = Literal["small_cnn"]
+Backbone = Literal["small_cnn", "resnet18", "resnet50", "vit"]
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "vit")
+# The size knobs each backbone has, with their defaults; any other knob set for it is an error.
+_KNOBS: dict[str, dict[str, int]] = {
+    "small_cnn": {"width": 32},
+    "resnet18": {},
+    "resnet50": {},
+    "vit": {"width": 384, "depth": 6, "heads": 6, "patch_size": 4},
+}
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -21,18 +32,45 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return StepAdamW(params, lr=2e-3, weight_decay=0.0)
 
 
+def build_backbone(backbone: str, num_classes: int, in_channels: int, image_size: int,
+                   **knobs: int | None) -> nn.Module:
+    """The ``nn.Module`` named ``backbone``, with the size knobs it accepts (``None``: its default)."""
+    if backbone not in _KNOBS:
+        raise ValueError(f"`--model.backbone`={backbone!r} is not available; expected one of {list(BACKBONES)}.")
+    allowed = _KNOBS[backbone]
+    wrong = sorted(k for k, v in knobs.items() if v is not None and k not in allowed)
+    if wrong:
+        raise ValueError(f"`--model.{wrong[0]}`={knobs[wrong[0]]!r} does not apply to backbone {backbone!r} "
+                         f"(its size knobs: {sorted(allowed) or 'none'}); remove it.")
+    size = {k: knobs.get(k) if knobs.get(k) is not None else default for k, default in allowed.items()}
+    if backbone == "small_cnn":
+        return SmallCNN(in_channels=in_channels, num_classes=num_classes, **size)
+    if backbone in ("resnet18", "resnet50"):
+        return cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
+    return small_vit(num_classes, in_channels, image_size, **size)
+
+
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classification with top-1 accuracy (``train/loss``, ``val/loss``, ``val/acc``, ...).
 
     Args:
-        backbone: the network, built from ``models/components``: ``"small_cnn"``.
+        backbone: the network, from ``models/components``: ``"small_cnn"`` (the quickstart's),
+            ``"resnet18"``/``"resnet50"`` (torchvision's ResNets with the CIFAR stem: 3x3 conv, no
+            max-pool) or ``"vit"`` (torchvision's Vision Transformer, 4x4 patches, 6 blocks of width 384).
         num_classes: classes to predict; linked from the data module by the CLI.
         in_channels: image channels; linked from the data module by the CLI.
-        width: width of the backbone (``small_cnn``: channels of its first conv).
+        image_size: side of the (square) input images; linked from the data module (the ViT needs it).
+        width: ``small_cnn``: channels of its first conv (default 32); ``vit``: embedding width (384).
+        depth: ``vit``: number of Transformer blocks (default 6).
+        heads: ``vit``: attention heads (default 6).
+        patch_size: ``vit``: side of the square patches (default 4).
         label_smoothing: cross-entropy label smoothing.
+        channels_last: run the network in ``torch.channels_last`` memory format (faster convolutions on
+            tensor-core GPUs, with bf16 mixed precision above all).
         optimizer: builds the optimizer from the parameters (``class_path``/``init_args`` in YAML);
             default ``StepAdamW(lr=2e-3, weight_decay=0)``, which every recipe accepts.
-        lr_scheduler: optional, builds a scheduler from the optimizer (stepped every optimizer step).
+        lr_scheduler: optional, builds a scheduler from the optimizer, stepped every optimizer step;
+            :class:`~step_lightning.optim.WarmupDecayLR` takes its length from the trainer.
     """
 
     def __init__(
@@ -40,16 +78,23 @@ class ImageClassifier(pl.LightningModule):
         backbone: Backbone = "small_cnn",
         num_classes: int = 10,
         in_channels: int = 3,
-        width: int = 32,
+        image_size: int = 32,
+        width: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        patch_size: int | None = None,
         label_smoothing: float = 0.0,
+        channels_last: bool = False,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if backbone != "small_cnn":
-            raise ValueError(f"`--model.backbone`={backbone!r} is not available; expected one of ['small_cnn'].")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width)
+        self.net = build_backbone(backbone, num_classes, in_channels, image_size, width=width, depth=depth,
+                                  heads=heads, patch_size=patch_size)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -58,6 +103,8 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy
@@ -84,8 +131,4 @@ class ImageClassifier(pl.LightningModule):
         return self(batch[0]).argmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, self.parameters(), self.optimizer_factory, self.scheduler_factory)

@@ -1,6 +1,7 @@
-"""Optimizers and the switch test of STEP."""
+"""Optimizers, the switch test of STEP, and learning-rate schedules."""
 
 from step_lightning.optim.autoswitch import STATISTICS, AutoSwitch, Statistic
+from step_lightning.optim.schedules import WarmupDecayLR
 from step_lightning.optim.step_adamw import StepAdamW
 
-__all__ = ["STATISTICS", "AutoSwitch", "Statistic", "StepAdamW"]
+__all__ = ["STATISTICS", "AutoSwitch", "Statistic", "StepAdamW", "WarmupDecayLR"]

@@ -1,7 +1,8 @@
 """Which parameters of a model get N:M masks.
 
 Default rule (STEP.md section 1): every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging Face ``Conv1D``
-weight whose reduction size divides by ``m``, except
+weight, and the packed Q/K/V input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, or
+``q/k/v_proj_weight``; an ``(out, in)`` Linear weight), whose reduction size divides by ``m``, except
 
 * the first layer that sees the raw input: the first such layer in registration order, unless an
   ``nn.Embedding`` is registered before it (then the input is token ids and no layer sees it raw);
@@ -67,6 +68,17 @@ def module_layout(module: nn.Module) -> Layout | None:
     return None
 
 
+def _maskable_weights(module: nn.Module) -> list[tuple[str, Layout]]:
+    """``(attribute, layout)`` of each maskable weight a module owns directly (not its children's)."""
+    if isinstance(module, nn.MultiheadAttention):
+        # Its out_proj is an nn.Linear child, found on its own; the input projections are raw parameters.
+        packed = module.in_proj_weight is not None
+        names = ["in_proj_weight"] if packed else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [(name, "linear") for name in names]
+    layout = module_layout(module)
+    return [] if layout is None else [("weight", layout)]
+
+
 def _compile(patterns: Sequence[str] | None, arg: str) -> list[re.Pattern[str]]:
     if patterns is None:
         return []
@@ -101,7 +113,7 @@ def select_targets(
     inc = _compile(include, "include")
     exc = _compile(exclude, "exclude")
 
-    candidates: list[tuple[str, nn.Module, Layout]] = []
+    candidates: list[tuple[str, nn.Parameter, Layout]] = []
     embedding_weights: set[int] = set()
     embedding_first = False
     seen: set[int] = set()
@@ -110,26 +122,25 @@ def select_targets(
             embedding_weights.add(id(module.weight))
             if not candidates:
                 embedding_first = True
-        layout = module_layout(module)
-        weight = getattr(module, "weight", None)
-        if layout is None or not isinstance(weight, nn.Parameter) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        candidates.append((f"{mod_name}.weight" if mod_name else "weight", module, layout))
+        for attr, layout in _maskable_weights(module):
+            weight = getattr(module, attr, None)
+            if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            candidates.append((f"{mod_name}.{attr}" if mod_name else attr, weight, layout))
 
     default_out: dict[str, str] = {}
     if candidates and not embedding_first:
         default_out[candidates[0][0]] = "first layer (sees the raw input)"
     if candidates:
         default_out.setdefault(candidates[-1][0], "final classifier / head")
-    for name, module, _ in candidates:
-        if id(module.weight) in embedding_weights:
+    for name, weight, _ in candidates:
+        if id(weight) in embedding_weights:
             default_out[name] = "tied to an embedding"
 
     targets: list[SparseTarget] = []
     skipped: list[Skipped] = []
-    for name, module, layout in candidates:
-        weight = module.weight
+    for name, weight, layout in candidates:
         shape = tuple(weight.shape)
         if any(p.search(name) for p in exc):
             skipped.append(Skipped(name, shape, "matches `exclude`"))

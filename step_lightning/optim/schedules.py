@@ -1,0 +1,96 @@
+"""Learning-rate schedules whose length is the run's: warm-up, then cosine / linear / no decay."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+Decay = Literal["cosine", "linear", "constant", "inverse_sqrt"]
+
+
+class WarmupDecayLR(LRScheduler):
+    """Linear warm-up from 0, then a decay to ``min_lr_ratio`` of the base learning rate at ``total_steps``.
+
+    Stepped once per optimizer step (the models register it with ``interval="step"``). ``total_steps=None``
+    (the default in configs) means "the run's optimizer steps": the LightningModule sets it from
+    ``trainer.estimated_stepping_batches`` before the first step, so the schedule follows
+    ``max_epochs``/``max_steps``/accumulation without being typed twice.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup: warm-up length: a float in [0, 1) is a fraction of ``total_steps``, an int >= 1 a step count.
+        decay: after warm-up, ``"cosine"`` (half cosine to ``min_lr_ratio``), ``"linear"`` (straight line
+            to ``min_lr_ratio``), ``"constant"`` (no decay), or ``"inverse_sqrt"`` (``sqrt(warmup/step)``,
+            the Transformer schedule; it ignores ``total_steps`` and ``min_lr_ratio``).
+        total_steps: optimizer steps of the run; ``None``: set by the LightningModule from the trainer.
+        min_lr_ratio: final learning rate as a fraction of the base one.
+        last_epoch: the index of the last step, for resuming (``-1``: start).
+
+    Example::
+
+        model:
+          init_args:
+            lr_scheduler:
+              class_path: step_lightning.optim.WarmupDecayLR
+              init_args: {warmup: 0.1, decay: linear}
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup: float = 0.0, decay: Decay = "cosine",
+                 total_steps: int | None = None, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+        problems = []
+        if isinstance(warmup, bool) or not (0 <= warmup < 1 or (float(warmup).is_integer() and warmup >= 1)):
+            problems.append(f"`warmup` must be a fraction in [0, 1) or a whole number of steps >= 1, got {warmup!r}")
+        if decay not in ("cosine", "linear", "constant", "inverse_sqrt"):
+            problems.append(f"`decay` must be one of 'cosine', 'linear', 'constant', 'inverse_sqrt', got {decay!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            problems.append(f"`total_steps` must be an int >= 1 or None (the run's length), got {total_steps!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            problems.append(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}")
+        if decay == "inverse_sqrt" and warmup == 0:
+            problems.append("`decay`='inverse_sqrt' needs `warmup` > 0 (the decay is sqrt(warmup / step))")
+        if problems:
+            raise ValueError("WarmupDecayLR: " + "; ".join(problems) + ".")
+        self.warmup = warmup
+        self.decay = decay
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """True while the length of the run is still unknown and the schedule depends on it."""
+        return self.total_steps is None and (self.warmup < 1 or self.decay in ("cosine", "linear"))
+
+    def warmup_steps(self) -> int:
+        if self.warmup >= 1:
+            return int(self.warmup)
+        if self.warmup == 0:
+            return 0
+        if self.total_steps is None:
+            raise RuntimeError("WarmupDecayLR: `warmup` is a fraction of the run but `total_steps` is not set.")
+        return max(1, round(self.warmup * self.total_steps))
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the base learning rate after ``step`` optimizer steps."""
+        warmup = self.warmup_steps()
+        if step < warmup:
+            return step / warmup
+        if self.decay == "constant":
+            return 1.0
+        if self.decay == "inverse_sqrt":
+            return math.sqrt(warmup / max(step, 1))
+        if self.total_steps is None:
+            raise RuntimeError(f"WarmupDecayLR: decay={self.decay!r} needs `total_steps`.")
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+    def get_lr(self) -> list[float]:
+        if self.last_epoch == 0:  # at construction the run's length may not be known yet
+            factor = 0.0 if self.warmup else 1.0
+        else:
+            factor = self.factor(self.last_epoch)
+        return [base * factor for base in self.base_lrs]
