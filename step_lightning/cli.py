@@ -3,7 +3,8 @@
 Subcommands ``fit``, ``validate``, ``test``, ``predict`` are Lightning's (``--config`` stackable,
 ``--print_config``, per-key overrides, ``class_path``/``init_args`` for model, data, optimizer (an
 argument of the model), scheduler and callbacks). Without ``--config`` they run
-``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model.
+``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model;
+``compare --configs A.yaml B.yaml --seeds 0 1`` runs recipe configs and tabulates them.
 """
 
 from __future__ import annotations
@@ -198,6 +199,10 @@ def main(args: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from step_lightning.compare import main as compare_main
+
+        raise SystemExit(compare_main(argv[1:]))
     argv = _with_default_config(argv)
     if args is None:  # from the command line: LightningCLI reads sys.argv itself
         sys.argv[1:] = argv

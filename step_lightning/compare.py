@@ -1,7 +1,8 @@
 """``python -m step_lightning compare``: run recipe configs over seeds, then tabulate them like the paper.
 
 Each config runs once per seed, one after another, as ``python -m step_lightning fit --config CFG`` in a
-subprocess that logs to TensorBoard under ``<output>/<config stem>/seed<S>/``. The report reads those
+subprocess that logs to TensorBoard under ``<output>/<run name>/seed<S>/`` (the run name is the config's
+path below ``configs/``, as ``fit`` names its logs: ``cifar10/resnet18_step_2of4``). The report reads those
 logs back and writes ``<output>/results.md`` (one row per config: best and final metric, mean ± sample
 standard deviation over seeds, STEP's switch step, wall time), ``results.json`` (every run's numbers) and
 ``val_curves.png`` (the metric over training, mean over seeds with a min–max band)::
@@ -16,6 +17,11 @@ ASP fine-tunes a trained dense model: a config whose ``ASPCallback`` prunes at s
 absent), named ``<model>_asp_<n>of<m>.yaml``, is paired with ``<model>_dense_<n>of<m>.yaml`` of the same
 directory, which must be among ``--configs``. Dense configs run first, and each ASP run starts from the
 ``last.ckpt`` of the dense run of the same seed (``fit --init_from``).
+
+Each run folder also gets ``run.json`` (command, exit code, wall seconds) and ``output.log`` (the run's
+stdout and stderr). A failed run does not stop the others; it shows as failed and the exit code is 1.
+Existing run folders stop the comparison before anything runs, unless ``--if_exists overwrite`` (rerun)
+or ``--if_exists skip_finished`` (keep the runs that exited with 0). ``--extra`` must be the last flag.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 import yaml
+
+from step_lightning.cli import run_name
 
 PROG = "python -m step_lightning compare"
 RECIPE_CALLBACKS = {"STEPCallback": "step", "SRSTECallback": "srste", "ASPCallback": "asp"}
@@ -79,15 +87,18 @@ class PlannedRun:
 
     Args:
         config: the config file, as the user gave it.
-        name: the config's stem: the TensorBoard logger's name and the folder under ``--output``.
+        name: the config's run name (:func:`step_lightning.cli.run_name`): the TensorBoard logger's name
+            and the folder under ``--output``.
         seed: passed as ``--seed_everything``.
         init_from: the dense checkpoint an ASP run fine-tunes (``fit --init_from``), else ``None``.
+        dense_config: the config of the dense run that writes ``init_from``.
     """
 
     config: Path
     name: str
     seed: int
     init_from: Path | None = None
+    dense_config: Path | None = None
 
     def run_dir(self, output: Path) -> Path:
         """Where the run's logs, checkpoints, ``run.json`` and ``output.log`` go."""
@@ -181,7 +192,7 @@ def plan_runs(configs: Sequence[Path], seeds: Sequence[int], output: Path,
             among ``configs`` (off for a report of existing runs).
 
     Raises:
-        CompareError: every problem at once: missing or unreadable configs, two configs with one stem,
+        CompareError: every problem at once: missing or unreadable configs, two configs with one run name,
             an ASP config whose dense partner is not among ``configs``.
     """
     problems: list[str] = []
@@ -191,14 +202,14 @@ def plan_runs(configs: Sequence[Path], seeds: Sequence[int], output: Path,
         if not config.is_file():
             problems.append(f"`--configs` {str(config)!r} does not exist or is not a file.")
             continue
-        if config.stem in by_name:
-            other = by_name[config.stem]
+        if run_name(config) in by_name:
+            other = by_name[run_name(config)]
             same = other.resolve() == config.resolve()
             problems.append(f"`--configs` {str(config)!r} is given twice." if same else
-                            f"`--configs` {str(other)!r} and {str(config)!r} have the same name {config.stem!r}, "
+                            f"`--configs` {str(other)!r} and {str(config)!r} have the same name {run_name(config)!r}, "
                             f"which names their logs under `--output`; rename one of them.")
             continue
-        by_name[config.stem] = config
+        by_name[run_name(config)] = config
         try:
             recipes[config] = read_recipe(config)
         except CompareError as err:
@@ -229,10 +240,22 @@ def plan_runs(configs: Sequence[Path], seeds: Sequence[int], output: Path,
         for seed in seeds:
             init_from = None
             if config in partners:
-                init_from = PlannedRun(partners[config], partners[config].stem, seed).run_dir(output) / \
+                init_from = PlannedRun(partners[config], run_name(partners[config]), seed).run_dir(output) / \
                     "checkpoints" / "last.ckpt"
-            runs.append(PlannedRun(config, config.stem, seed, init_from))
+            runs.append(PlannedRun(config, run_name(config), seed, init_from, partners.get(config)))
     return runs
+
+
+def saves_last_checkpoint(config: Path) -> bool:
+    """Whether ``config`` has a ``ModelCheckpoint(save_last=true)`` writing into the run's ``checkpoints/``."""
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    callbacks = trainer.get("callbacks") if isinstance(trainer, Mapping) else None
+    for entry in [callbacks] if isinstance(callbacks, Mapping) else callbacks or []:
+        if isinstance(entry, Mapping) and str(entry.get("class_path", "")).endswith("ModelCheckpoint"):
+            init_args = entry.get("init_args") or {}
+            if init_args.get("save_last") and not init_args.get("dirpath"):
+                return True
+    return False
 
 
 def fit_command(run: PlannedRun, output: Path, extra: Sequence[str]) -> list[str]:
@@ -468,7 +491,7 @@ def report(targets: Sequence[tuple[str, str | None, Recipe | None, Sequence[int]
     """Read the runs, write ``results.md``, ``results.json`` and ``val_curves.png`` into ``output``.
 
     Args:
-        targets: per table row: the config's name (stem), its path, its recipe, the seeds to read.
+        targets: per table row: the config's run name, its path, its recipe, the seeds to read.
         output: the ``--output`` directory holding ``<name>/seed<S>/``.
         metric: the scalar to tabulate and plot.
         mode: whether the best value of ``metric`` is its maximum or its minimum.
@@ -498,11 +521,18 @@ def report(targets: Sequence[tuple[str, str | None, Recipe | None, Sequence[int]
     return text, incomplete
 
 
+def _logged_seeds(folder: Path) -> list[int]:
+    """The seeds ``S`` of the ``seed<S>`` run folders in ``folder``."""
+    return sorted(int(p.name[4:]) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit())
+
+
 def _discover(output: Path, seeds: Sequence[int] | None) -> list[tuple[str, str | None, Recipe | None, list[int]]]:
     """The configs and seeds logged under ``output``, with their recipe from the ``config.yaml`` each run saved."""
     targets = []
-    for folder in sorted(p for p in output.iterdir() if p.is_dir()) if output.is_dir() else []:
-        found = sorted(int(p.name[4:]) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit())
+    # Run names may hold "/" (configs/cifar10/x.yaml logs as cifar10/x): every folder with seed<S> runs counts.
+    folders = sorted({p.parent for p in output.rglob("seed*") if p.is_dir()}) if output.is_dir() else []
+    for folder in folders:
+        found = _logged_seeds(folder)
         if not found:
             continue
         recipe, config = None, None
@@ -514,16 +544,15 @@ def _discover(output: Path, seeds: Sequence[int] | None) -> list[tuple[str, str 
                     recipe = read_recipe(saved)
                 except CompareError:
                     pass  # reported with recipe "?"
-        targets.append((folder.name, config, recipe, list(seeds) if seeds is not None else found))
+        name = folder.relative_to(output).as_posix()
+        targets.append((name, config, recipe, list(seeds) if seeds is not None else found))
     return targets
 
 
 def _seeds_of(output: Path, name: str, seeds: Sequence[int] | None) -> list[int]:
     if seeds is not None:
         return list(seeds)
-    folder = output / name
-    found = sorted(int(p.name[4:]) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit())
-    return found or [0]
+    return _logged_seeds(output / name) or [0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -545,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds to run every config with (--seed_everything); default: 0, or with "
                              "--report_only the seed<S> folders found")
     parser.add_argument("--output", type=Path, default=Path("logs/compare"), metavar="DIR",
-                        help="where runs log (DIR/<config stem>/seed<S>/) and the report goes (default: %(default)s)")
+                        help="where runs log (DIR/<run name>/seed<S>/) and the report goes (default: %(default)s)")
     parser.add_argument("--metric", default="val/acc", help="scalar to tabulate and plot (default: %(default)s)")
     parser.add_argument("--mode", choices=("max", "min"), default="max",
                         help="whether the best value of --metric is its maximum or minimum (default: %(default)s)")
@@ -605,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.report_only:
         if args.configs:
-            targets = [(c.stem, str(c), read_recipe(c), _seeds_of(output, c.stem, args.seeds)) for c in args.configs]
+            targets = [(run_name(c), str(c), read_recipe(c), _seeds_of(output, run_name(c), args.seeds))
+                       for c in args.configs]
         else:
             targets = _discover(output, args.seeds)
             if not targets:
@@ -616,6 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Wrote {output / 'results.md'}, {output / 'results.json'} and {output / 'val_curves.png'}.")
         return 1 if incomplete else 0
 
+    for dense in sorted({r.dense_config for r in runs if r.dense_config is not None}):
+        if not saves_last_checkpoint(dense):
+            print(f"warning: `--configs` {str(dense)!r} has no ModelCheckpoint(save_last=true) without a dirpath in "
+                  "`trainer.callbacks`, but the ASP runs fine-tune its <run>/checkpoints/last.ckpt: add one (unless "
+                  "--extra does).", file=sys.stderr)
     todo = runs
     if not args.dry_run:
         existing = [r for r in runs if r.run_dir(output).exists()]
@@ -651,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{index}/{len(todo)}] {run.name} seed {run.seed}: done in "
                   f"{_format_duration(record.get('wall_seconds'))}", flush=True)
 
-    order = {c.stem: i for i, c in enumerate(args.configs)}
+    order = {run_name(c): i for i, c in enumerate(args.configs)}
     names = sorted({r.name: r.config for r in runs}.items(), key=lambda item: order[item[0]])
     targets = [(name, str(config), read_recipe(config), seeds) for name, config in names]
     text, _ = report(targets, output, args.metric, args.mode)

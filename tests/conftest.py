@@ -102,3 +102,44 @@ def tiny_trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> 
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def make_cifar(root: Any, dataset: str = "cifar10", n_train: int = 40, n_test: int = 16, seed: int = 0) -> None:
+    """Write a tiny dataset in the official CIFAR layout (pickled batches of uint8 rows and labels) under ``root``."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if dataset == "cifar10":
+        folder, names, test, key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], \
+            "test_batch", "labels", 10
+    else:
+        folder, names, test, key, classes = "cifar-100-python", ["train"], "test", "fine_labels", 100
+    out = Path(root) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    for name in [*names, test]:
+        count = n_test if name == test else n_train // len(names)
+        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, count).tolist()}
+        with open(out / name, "wb") as f:
+            pickle.dump(entry, f)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Any) -> Any:
+    """A tiny CIFAR-10 (40 training, 16 test images) in ``tmp_path / "data"``; returns that folder."""
+    root = tmp_path / "data"
+    make_cifar(root)
+    return root
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run in ``tmp_path`` (where the CLI writes ``logs/``), with a clean ``sys.argv``."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["step_lightning"])
+    return tmp_path

@@ -17,13 +17,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = CONFIGS / "debug.yaml"
 
 
-@pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["step_lightning"])
-    return tmp_path
-
-
 def test_quickstart_fit_summary_export_and_validate(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cli = main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG)])
     out = capsys.readouterr().out

@@ -160,6 +160,19 @@ def test_dry_run_order_init_from_and_extra(in_tmp: Path, capsys: pytest.CaptureF
     assert not (in_tmp / "out dir").exists()  # a dry run writes nothing
 
 
+def test_warns_when_the_dense_run_keeps_no_last_checkpoint(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = in_tmp / "net_dense_2of4.yaml"
+    dense.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks."
+                                                                              "ModelCheckpoint"}]}}))
+    asp = write_config(in_tmp / "net_asp_2of4.yaml", ASP)
+    assert main(["--configs", dense.name, asp.name, "--dry_run"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: `--configs` 'net_dense_2of4.yaml' has no ModelCheckpoint(save_last=true)" in err
+    write_config(dense)
+    assert main(["--configs", dense.name, asp.name, "--dry_run"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_skip_finished_keeps_runs_that_finished(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(in_tmp / "net_dense_2of4.yaml")
     finished = in_tmp / "logs" / "compare" / "net_dense_2of4" / "seed0"

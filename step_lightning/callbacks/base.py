@@ -45,6 +45,7 @@ _LOSS_KINDS = ("finite", "nan", "inf", "-inf")
 _HASH_CHUNK = 1 << 22  # positions hashed per kernel: bounds the temporary memory of a fingerprint
 _HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash: spreads positions over 32 bits
 
+
 def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: bool = True) -> int:
     """An optimizer step given as an int, or as a float fraction of the run's ``total`` optimizer steps."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -74,9 +75,10 @@ def mask_fingerprint(masks: Sequence[Tensor]) -> Tensor:
     Returns:
         An ``int64`` tensor of shape ``(len(masks), 2)``: per mask, the number of kept entries and a
         hash of their positions (the sum over kept positions ``i`` of the low 32 bits of
-        ``i * 0x9E3779B1``, wrapping in int64). Two masks with the same kept count but different kept
-        positions get different hashes except by a ~2**-32 coincidence. Integer sums do not depend on
-        the reduction order, so equal masks give equal fingerprints on any device.
+        ``i * 0x9E3779B1``, wrapping in int64). The position weights are distinct (for fewer than 2**32
+        entries), so one kept entry moved within its group always changes the hash; several moves cancel
+        out only by coincidence. Integer sums do not depend on the reduction order, so equal masks give
+        equal fingerprints on any device. Cost: a few kernels per ``_HASH_CHUNK`` entries, no host sync.
     """
     if not masks:
         return torch.zeros(0, 2, dtype=torch.int64)
@@ -543,11 +545,14 @@ class NMSparsityCallback(Callback, ABC):
             layers = mask_fingerprint(masks).to(device)
         values = torch.tensor([-1 if v is None else v for v in scalars.values()], dtype=torch.int64, device=device)
         gathered = trainer.strategy.all_gather(torch.cat([values, layers.reshape(-1)]))
-        problems = describe_rank_mismatch(gathered.cpu(), list(scalars), engine.names)
+        gathered = gathered.cpu()
+        problems = describe_rank_mismatch(gathered, list(scalars), engine.names)
         if problems:
+            rank0 = ", ".join(f"{name} {'none' if v < 0 else v}"
+                              for name, v in zip(scalars, gathered[0, :len(scalars)].tolist(), strict=True))
             raise RuntimeError(
-                f"{type(self).__name__}: the {trainer.world_size} DDP ranks disagree {when} (rank 0 at optimizer step "
-                f"{self._opt_steps}, phase {self.phase_name!r}): " + " | ".join(problems) + ". Every rank computes "
+                f"{type(self).__name__}: the {trainer.world_size} DDP ranks disagree {when} (rank 0: {rank0}): "
+                + " | ".join(problems) + ". Every rank computes "
                 "the N:M masks from its own copy of the weights and must end up with the same masks and switch step. "
                 "Usual causes: non-deterministic kernels or different GPU models / library versions across nodes "
                 "(try `trainer.deterministic: true`), ranks that started from different weights or callback state "

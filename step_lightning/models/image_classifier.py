@@ -65,8 +65,9 @@ class ImageClassifier(pl.LightningModule):
         heads: ``vit``: attention heads (default 6).
         patch_size: ``vit``: side of the square patches (default 4).
         label_smoothing: cross-entropy label smoothing.
-        channels_last: run the network in ``torch.channels_last`` memory format (faster convolutions on
-            tensor-core GPUs, with bf16 mixed precision above all).
+        channels_last: run the network in ``torch.channels_last`` memory format: faster convolutions on
+            tensor-core GPUs (with bf16 mixed precision above all), slower backward passes on CPUs.
+            ``"auto"``: on for the CNN backbones when the trainer runs on CUDA, off otherwise.
         optimizer: builds the optimizer from the parameters (``class_path``/``init_args`` in YAML);
             default ``StepAdamW(lr=2e-3, weight_decay=0)``, which every recipe accepts.
         lr_scheduler: optional, builds a scheduler from the optimizer, stepped every optimizer step;
@@ -84,7 +85,7 @@ class ImageClassifier(pl.LightningModule):
         heads: int | None = None,
         patch_size: int | None = None,
         label_smoothing: float = 0.0,
-        channels_last: bool = False,
+        channels_last: bool | Literal["auto"] = "auto",
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -92,15 +93,29 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = build_backbone(backbone, num_classes, in_channels, image_size, width=width, depth=depth,
                                   heads=heads, patch_size=patch_size)
-        self.channels_last = channels_last
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"`--model.channels_last` must be true, false or 'auto', got {channels_last!r}.")
+        self.channels_last_arg = channels_last
+        self.channels_last = False
+        if channels_last is True:
+            self._to_channels_last()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _to_channels_last(self) -> None:
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def setup(self, stage: str) -> None:
+        # Before the optimizer exists: the conversion swaps each parameter's storage, not the parameter.
+        if self.channels_last_arg == "auto" and not self.channels_last:
+            cnn = self.hparams["backbone"] != "vit"
+            if cnn and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+                self._to_channels_last()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -140,6 +140,13 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor
         >>> nm_mask(w, 2, 4)
         tensor([[False,  True,  True, False]])
     """
+    if (layout == "conv" and weight.dim() == 4 and not weight.is_contiguous()
+            and weight.is_contiguous(memory_format=torch.channels_last)):
+        # channels_last stores (out, kh, kw, in): the groups of m input channels are contiguous runs, so
+        # rank them as a Linear weight without a copy; the mask comes back channels_last too.
+        physical = weight.permute(0, 2, 3, 1)
+        keep_physical = nm_mask(physical.reshape(-1, physical.shape[-1]), n, m, "linear")
+        return keep_physical.view(physical.shape).permute(0, 3, 1, 2)
     g = _grouped(weight, n, m, layout)
     a_groups, _, b = g.shape
     keep = torch.empty(g.shape, dtype=torch.bool, device=weight.device)

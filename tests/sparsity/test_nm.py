@@ -89,6 +89,15 @@ def test_non_contiguous_input() -> None:
     assert torch.equal(nm_mask(w, 2, 4), reference_mask(w.contiguous(), 2, 4, "linear"))
 
 
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 8), (3, 8)])
+def test_channels_last_conv_weight_gets_the_same_mask_in_its_own_format(n: int, m: int) -> None:
+    w = torch.randn(6, 16, 3, 3, generator=torch.Generator().manual_seed(m))
+    w.view(-1)[:m] = 0.25  # ties
+    mask = nm_mask(w.to(memory_format=torch.channels_last), n, m, "conv")
+    assert torch.equal(mask, reference_mask(w, n, m, "conv"))
+    assert mask.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_exactly_n_kept_per_group_even_with_nan() -> None:
     w = torch.randn(4, 16)
     w[0, 1] = float("nan")

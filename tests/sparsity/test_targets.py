@@ -95,6 +95,27 @@ def test_hf_bert_classifier_excluded() -> None:
     assert "final classifier" in {s.name: s.reason for s in skipped}["classifier.weight"]
 
 
+def test_multihead_attention_input_projections_are_linear_targets() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 16)
+            self.packed = nn.MultiheadAttention(16, 2)
+            self.split = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+            self.head = nn.Linear(16, 2)
+
+    targets, skipped = select_targets(Block(), 2, 4)
+    assert [(t.name, t.layout, t.shape) for t in targets] == [
+        ("packed.in_proj_weight", "linear", (48, 16)),
+        ("packed.out_proj.weight", "linear", (16, 16)),
+        ("split.q_proj_weight", "linear", (16, 16)),
+        ("split.k_proj_weight", "linear", (16, 8)),
+        ("split.v_proj_weight", "linear", (16, 8)),
+        ("split.out_proj.weight", "linear", (16, 16)),
+    ]
+    assert [s.name for s in skipped] == ["embed.weight", "head.weight"]
+
+
 def test_frozen_weights_are_skipped() -> None:
     model = MLP()
     model.hidden.weight.requires_grad_(False)
