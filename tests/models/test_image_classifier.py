@@ -20,6 +20,7 @@ RECIPES: dict[str, Any] = {
     "srste": lambda: SRSTECallback(),
     "step": lambda: STEPCallback(switch=1),
 }
+KNOBS: dict[str, dict[str, int]] = {"small_cnn": {"width": 16}, "vit": {"width": 64, "depth": 2, "heads": 2}}
 FAST = {("resnet18", "step"), ("small_cnn", "dense"), ("small_cnn", "asp"), ("small_cnn", "srste"),
         ("small_cnn", "step"), ("vit", "step")}
 
@@ -37,7 +38,7 @@ class ValidationWeights(pl.Callback):
 def _fit(tmp_path: Path, data: Path, backbone: str, recipe: Any, **trainer_kwargs: Any) -> tuple[Any, Any]:
     # A small lr: STEP switching after one step freezes a one-sample second moment (raw, as the reference).
     model = ImageClassifier(backbone, num_classes=10, optimizer=lambda p: StepAdamW(p, lr=1e-4),
-                            **({"width": 16} if backbone == "small_cnn" else {}))
+                            **KNOBS.get(backbone, {}))
     dm = CIFARDataModule(data_dir=str(data), batch_size=2, num_workers=0, gpu_augment=True)
     seen = ValidationWeights()
     callbacks = [c for c in (recipe, seen) if c is not None]
@@ -69,16 +70,16 @@ def test_backbone_trains_under_recipe(tmp_path: Path, tiny_cifar: Path, backbone
 
 
 def test_channels_last_and_bf16_mixed(tmp_path: Path, tiny_cifar: Path) -> None:
-    model = ImageClassifier("resnet18", num_classes=10, channels_last=True)
-    assert model.net.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    model = ImageClassifier("small_cnn", num_classes=10, width=16, channels_last=True)
+    assert model.net.block1[0].weight.is_contiguous(memory_format=torch.channels_last)
     dm = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=4, num_workers=0, gpu_augment=True)
     step = STEPCallback(switch=1)
     trainer = tiny_trainer(tmp_path, [step], max_steps=2, limit_val_batches=1, val_check_interval=2,
                            precision="bf16-mixed")
     trainer.fit(model, dm)
-    weight = model.net.layer1[0].conv1.weight
+    weight = model.net.block1[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)  # the masked swap kept the format
-    masked = step.masked_state_dict(model)["net.layer1.0.conv1.weight"]
+    masked = step.masked_state_dict(model)["net.block1.0.weight"]
     check_nm_sparse(masked, 2, 4, "conv")
 
 
