@@ -1,4 +1,5 @@
-"""Weights from a file into a model: fine-tuning from a trained checkpoint (``fit --init_from PATH``).
+"""Checkpoint files: crash-safe writing and clear errors (:class:`AtomicCheckpointIO`), and weights from a
+file into a model for fine-tuning from a trained checkpoint (``fit --init_from PATH``).
 
 ``--ckpt_path`` *resumes* a run (optimizer, counters, callbacks, loops); ``--init_from`` only copies the
 model weights and starts a new run, which is what ASP's "prune a trained dense model, then fine-tune"
@@ -8,11 +9,17 @@ needs. Accepted files: a Lightning checkpoint (``last.ckpt``: its ``state_dict``
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
+from typing_extensions import override
 
 
 def read_state_dict(path: str | Path, arg: str = "--init_from") -> dict[str, torch.Tensor]:
@@ -51,3 +58,106 @@ def load_weights(model: nn.Module, path: str | Path, arg: str = "--init_from") -
         raise ValueError(f"`{arg}` {str(path)!r} does not fit the configured {type(model).__name__}: "
                          f"{'; '.join(parts)}. Pass a checkpoint of the same model and data (num_classes).")
     model.load_state_dict(state, strict=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint I/O, made crash-safe on local disks and explicit about bad files.
+
+    Saving: the checkpoint is written to a temporary file *in the same directory*, flushed to disk
+    (``fsync``), then renamed over the target with ``os.replace``, which POSIX makes atomic: a crash or
+    ``kill -9`` at any moment leaves either the previous ``last.ckpt`` or the new one, never a partial
+    file. (Lightning's default writes through a temporary file in the system temp directory and moves
+    it, which is a copy, and not atomic, when that directory is on another filesystem.) Remote paths
+    (``s3://``...) keep Lightning's behaviour.
+
+    Loading: a truncated or corrupt file raises a ``ValueError`` that says so and names the file, instead
+    of a pickle or zip traceback.
+
+    The CLI installs it unless ``trainer.plugins`` is configured; in Python:
+    ``Trainer(plugins=[AtomicCheckpointIO()])``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take `storage_options`.")
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0o600
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # persist the rename itself (not possible on every platform)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return None
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (FileNotFoundError, MemoryError):
+            raise
+        except Exception as err:
+            problem = damage(path)
+            if problem is None:  # a readable file that failed for another reason: not ours to reword
+                raise
+            others = sorted(p.name for p in Path(str(path)).parent.glob("*.ckpt") if p.name != Path(str(path)).name)
+            raise ValueError(
+                f"checkpoint {str(path)!r} is truncated or corrupt ({problem}); it cannot be resumed from. Pass "
+                f"another checkpoint as `--ckpt_path`{': ' + ', '.join(others) if others else ''}."
+            ) from err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_not_truncated(path: Any, arg: str = "--ckpt_path") -> None:
+    """Raise a ``ValueError`` naming ``arg`` if the local file ``path`` is not a complete zip archive.
+
+    Cheap (reads the end of the file only): catches cut-off and overwritten files before anything loads them.
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return
+    local = Path(str(path).removeprefix("file://"))
+    if local.is_file() and not zipfile.is_zipfile(local):
+        others = sorted(p.name for p in local.parent.glob("*.ckpt") if p.name != local.name)
+        where = f"; other checkpoints there: {', '.join(others)}" if others else ""
+        raise ValueError(f"`{arg}` {str(path)!r} is truncated or corrupt (not a complete zip archive as torch.save "
+                         f"writes, {local.stat().st_size} bytes){where}.")
+
+
+def damage(path: Any) -> str | None:
+    """Why the local file ``path`` is not a complete ``torch.save`` archive, or ``None`` if it is one.
+
+    ``torch.save`` writes a zip archive; a cut-off or overwritten file fails the zip directory or CRC
+    checks. (This reads the whole file: call it on the error path only.)
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return None
+    local = Path(str(path).removeprefix("file://"))
+    if not zipfile.is_zipfile(local):
+        return f"not a zip archive as torch.save writes, {local.stat().st_size} bytes"
+    try:
+        with zipfile.ZipFile(local) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"unreadable zip archive: {err}"
+    return f"member {bad!r} fails its CRC check" if bad is not None else None

@@ -62,6 +62,15 @@ class StepLightningCLI(LightningCLI):
                  "file) into the model before training; a new run, unlike --ckpt_path, which resumes one. ASP "
                  "configs fine-tune a trained dense model this way.")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt:  # LightningCLI reads it next, for its hyper-parameters: a broken file must not be a zip traceback
+            from step_lightning.checkpointing import check_not_truncated
+
+            check_not_truncated(ckpt)
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
@@ -78,6 +87,8 @@ class StepLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("plugins") is None:  # crash-safe checkpoint files, clear errors for broken ones
+            config.trainer.plugins = [{"class_path": "step_lightning.checkpointing.AtomicCheckpointIO"}]
         if config.trainer.get("logger") in (None, True):
             files = config.get("config") or []
             name = run_name(str(files[0])) if files else "default"
