@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.base import NMSparsityCallback, resolve_step
+from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss, resolve_step
 
 
 class ASPCallback(NMSparsityCallback):
@@ -30,6 +30,8 @@ class ASPCallback(NMSparsityCallback):
         include: regexes on parameter names; when given, exactly the matching weights are masked.
         exclude: regexes on parameter names that are never masked.
         per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
+        on_nonfinite_loss: ``"warn"`` (default) or ``"raise"`` on a NaN/inf training loss; the message names
+            the optimizer step and the phase.
 
     Example::
 
@@ -47,8 +49,9 @@ class ASPCallback(NMSparsityCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         per_layer_log_interval: int = 10,
+        on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
-        super().__init__(n, m, include, exclude, 1, per_layer_log_interval)
+        super().__init__(n, m, include, exclude, 1, per_layer_log_interval, on_nonfinite_loss)
         if isinstance(prune_at, float):
             resolve_step(prune_at, 1, "prune_at")  # checks the range now
         else:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from typing_extensions import override
 
-from step_lightning.callbacks.base import NMSparsityCallback
+from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
 
 
 class SRSTECallback(NMSparsityCallback):
@@ -26,6 +26,8 @@ class SRSTECallback(NMSparsityCallback):
         exclude: regexes on parameter names that are never masked.
         mask_update_interval: optimizer steps between mask updates (reference: 1).
         per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
+        on_nonfinite_loss: ``"warn"`` (default) or ``"raise"`` on a NaN/inf training loss; the message names
+            the optimizer step and the phase.
 
     Raises:
         ValueError: invalid ``n``/``m``/``decay``, or (at setup) no maskable weight.
@@ -47,8 +49,9 @@ class SRSTECallback(NMSparsityCallback):
         exclude: Sequence[str] | None = None,
         mask_update_interval: int = 1,
         per_layer_log_interval: int = 10,
+        on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
-        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval)
+        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval, on_nonfinite_loss)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
             raise ValueError(f"`decay` (SR-STE lambda_w) must be a number >= 0, got {decay!r}; 0 means plain STE.")
         self.decay = float(decay)
