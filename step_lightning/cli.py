@@ -162,9 +162,9 @@ class StepLightningCLI(LightningCLI):
                 export_dir = Path(log_dir) / "export"
                 result = export_model(model, recipe, export_dir, source="end of fit")
                 lines.append(f"  exported N:M model: {result.files[0]} (manifest {result.files[1].name})")
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
-            lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
+        last = [getattr(cb, "last_model_path", "") for cb in trainer.callbacks]  # type: ignore[attr-defined]
+        if any(last):
+            lines.append(f"  last checkpoint: {next(p for p in last if p)}")
         if log_dir:
             lines.append(f"  logs: {log_dir}")
             root = getattr(trainer.logger, "root_dir", None) or log_dir

@@ -247,14 +247,20 @@ def plan_runs(configs: Sequence[Path], seeds: Sequence[int], output: Path,
 
 
 def saves_last_checkpoint(config: Path) -> bool:
-    """Whether ``config`` has a ``ModelCheckpoint(save_last=true)`` writing into the run's ``checkpoints/``."""
+    """Whether ``config`` writes the run's ``checkpoints/last.ckpt``: a ``LastCheckpoint`` or a
+    ``ModelCheckpoint(save_last=true)`` without a ``dirpath``."""
     trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
     callbacks = trainer.get("callbacks") if isinstance(trainer, Mapping) else None
     for entry in [callbacks] if isinstance(callbacks, Mapping) else callbacks or []:
-        if isinstance(entry, Mapping) and str(entry.get("class_path", "")).endswith("ModelCheckpoint"):
-            init_args = entry.get("init_args") or {}
-            if init_args.get("save_last") and not init_args.get("dirpath"):
-                return True
+        if not isinstance(entry, Mapping):
+            continue
+        class_path = str(entry.get("class_path", ""))
+        init_args = entry.get("init_args") or {}
+        if init_args.get("dirpath"):
+            continue
+        if class_path.endswith("LastCheckpoint") or (class_path.endswith("ModelCheckpoint")
+                                                     and init_args.get("save_last")):
+            return True
     return False
 
 
@@ -648,8 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for dense in sorted({r.dense_config for r in runs if r.dense_config is not None}):
         if not saves_last_checkpoint(dense):
-            print(f"warning: `--configs` {str(dense)!r} has no ModelCheckpoint(save_last=true) without a dirpath in "
-                  "`trainer.callbacks`, but the ASP runs fine-tune its <run>/checkpoints/last.ckpt: add one (unless "
+            print(f"warning: `--configs` {str(dense)!r} has no LastCheckpoint nor ModelCheckpoint(save_last=true) "
+                  "in `trainer.callbacks`, but the ASP runs fine-tune its <run>/checkpoints/last.ckpt: add one (unless "
                   "--extra does).", file=sys.stderr)
     todo = runs
     if not args.dry_run:

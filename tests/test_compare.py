@@ -167,7 +167,7 @@ def test_warns_when_the_dense_run_keeps_no_last_checkpoint(in_tmp: Path, capsys:
     asp = write_config(in_tmp / "net_asp_2of4.yaml", ASP)
     assert main(["--configs", dense.name, asp.name, "--dry_run"]) == 0
     err = capsys.readouterr().err
-    assert "warning: `--configs` 'net_dense_2of4.yaml' has no ModelCheckpoint(save_last=true)" in err
+    assert "warning: `--configs` 'net_dense_2of4.yaml' has no LastCheckpoint nor ModelCheckpoint(save_last=true)" in err
     write_config(dense)
     assert main(["--configs", dense.name, asp.name, "--dry_run"]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset, random_split
+from torch.utils.data import TensorDataset, random_split
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -56,18 +57,19 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(*full[train.indices])
         self.val_set = TensorDataset(*full[val.indices])
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> StatefulDataLoader:
         assert dataset is not None, "setup() first"
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        # Stateful: Lightning saves its position, so a mid-epoch checkpoint resumes on the next batch.
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
