@@ -30,3 +30,26 @@ def configure_optimization(module: pl.LightningModule, params: Iterable[Any],
                              "length): set `--trainer.max_steps` or the scheduler's `total_steps`.")
         scheduler.total_steps = int(total)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameter_groups(module: torch.nn.Module, no_decay: tuple[str, ...] = ("bias", "norm", "embeddings.position")
+                     ) -> list[dict[str, Any]]:
+    """Two parameter groups, the Hugging Face / BERT convention: no weight decay on biases and norm weights.
+
+    A parameter goes to the ``weight_decay=0`` group when it is 1-D (biases, LayerNorm/BatchNorm weights) or
+    its name contains one of ``no_decay`` (case-insensitive); the other group sets no ``weight_decay`` key,
+    so the optimizer's own value applies (``StepAdamW(lr=..., weight_decay=0.01)`` in a config works as is).
+    Frozen parameters are left out. Empty groups are dropped.
+    """
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        (plain if param.ndim <= 1 or any(key in lowered for key in no_decay) else decay).append(param)
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append({"params": decay})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
