@@ -102,8 +102,9 @@ class StepLightningCLI(LightningCLI):
         if init_from:
             from step_lightning.checkpointing import load_weights
 
-            load_weights(self.model, init_from)
-            print(f"Initialised {type(self.model).__name__} from --init_from {init_from}.")
+            load_weights(self.model, init_from)  # on every rank: DDP starts from identical weights anyway
+            if self.trainer.is_global_zero:
+                print(f"Initialised {type(self.model).__name__} from --init_from {init_from}.")
         self._warn_unpruned_asp(init_from)
 
     def _warn_unpruned_asp(self, init_from: str | None) -> None:
