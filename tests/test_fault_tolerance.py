@@ -108,3 +108,27 @@ def test_kill_9_then_resume_equals_uninterrupted(in_tmp: Path) -> None:
     main(["fit", "--config", str(config.with_name("run_ref.yaml")), "--config", str(DEBUG),
           "--ckpt_path", str(run / "last.ckpt")])
     _assert_same_end(reference, _final(in_tmp / "logs" / "run_ref" / "version_1"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_crash_mid_epoch_then_resume_equals_uninterrupted(in_tmp: Path) -> None:
+    # Shuffled data under DDP: each rank's DistributedSampler order is a function of seed and epoch, so the
+    # resumed loaders fast-forward to exactly the batches the uninterrupted run saw (crash in epoch 1).
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.limit_train_batches", "6"]
+
+    def fit(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "step_lightning", "fit", "--config", str(config), "--config",
+                               str(DEBUG), *ddp, *extra], cwd=in_tmp, env=env, capture_output=True, text=True,
+                              timeout=400)
+
+    reference = fit(_config(in_tmp))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    crashed = fit(_config(in_tmp, {"step": 10}))
+    assert crashed.returncode != 0, crashed.stderr[-3000:]
+    run = in_tmp / "logs" / "run_crash" / "version_0"
+    assert _final(run)["global_step"] == 8
+    resumed = fit(_config(in_tmp), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_end(_final(in_tmp / "logs" / "run_ref" / "version_0"),
+                     _final(in_tmp / "logs" / "run_ref" / "version_1"))

@@ -16,6 +16,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from step_lightning.data.augment import crop_flip, normalization, normalize
+from step_lightning.data.loading import global_seed, stateful_loader
 
 CIFARName = Literal["cifar10", "cifar100"]
 _TORCHVISION = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
@@ -109,8 +110,9 @@ class CIFARDataModule(pl.LightningDataModule):
     * CPU (``gpu_augment=False``): torchvision ``v2`` transforms per image in ``num_workers`` workers.
     * device-resident (``gpu_augment=True``): the uint8 dataset (150 MB for CIFAR) is copied once to the
       accelerator; the loader yields index batches and :meth:`on_after_batch_transfer` gathers the
-      images, crops, flips and normalises the whole batch on the device, with a generator of its own
-      whose state is saved in checkpoints (resumed runs draw the same augmentations).
+      images, crops, flips and normalises the whole batch on the device. Its generator is re-seeded for
+      every batch from (seed, rank, batch count), and the batch count is saved in checkpoints, so every
+      rank of a resumed run draws exactly the augmentations of an uninterrupted one.
 
     Validation uses the official test set (the papers' convention) unless ``val_split`` > 0, which
     holds out that seeded fraction of the training set; ``test`` always uses the test set. Loaders are
@@ -125,8 +127,8 @@ class CIFARDataModule(pl.LightningDataModule):
         augment: random crop and flip for training (normalisation is always applied).
         gpu_augment: ``"auto"``: the device path when the trainer runs on a GPU (CUDA or MPS), the CPU
             path otherwise; ``True``/``False`` force one (``True`` on CPU runs the batched path on CPU).
-        seed: seed of the validation split and of the device path's augmentation generator (offset by
-            the global rank so ranks draw independent augmentations).
+        seed: seed of the validation split, of the shuffling under DDP and of the device path's
+            augmentations; default: the run's ``seed_everything`` seed.
 
     Example::
 
@@ -147,7 +149,7 @@ class CIFARDataModule(pl.LightningDataModule):
         val_split: float = 0.0,
         augment: bool = True,
         gpu_augment: bool | Literal["auto"] = "auto",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -178,7 +180,7 @@ class CIFARDataModule(pl.LightningDataModule):
         self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None
+        self._batches_drawn = 0  # training batches augmented so far: equal on every rank, checkpointed
         self.use_device_path = gpu_augment is True
 
     # ---- data on disk ---------------------------------------------------------------------------------
@@ -201,6 +203,10 @@ class CIFARDataModule(pl.LightningDataModule):
                 f"extracted folder {files['folder'].name}/ there."
             ) from err
 
+    @property
+    def _seed(self) -> int:
+        return global_seed(self.seed)
+
     def setup(self, stage: str) -> None:
         if self.gpu_augment == "auto":
             self.use_device_path = self.trainer is not None and self.trainer.strategy.root_device.type in ("cuda",
@@ -214,7 +220,7 @@ class CIFARDataModule(pl.LightningDataModule):
         test = read_cifar(self.data_dir, self.dataset, train=False)
         if self.val_split > 0:
             n_val = round(len(labels) * self.val_split)
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self._seed))
             val_idx, train_idx = order[:n_val], order[n_val:]
             self.splits = {"train": (images[train_idx], labels[train_idx]), "val": (images[val_idx], labels[val_idx])}
         else:
@@ -236,13 +242,10 @@ class CIFARDataModule(pl.LightningDataModule):
         train = split == "train"
         if self.use_device_path:
             # Index batches only; images are gathered and augmented on the device after the transfer.
-            return StatefulDataLoader(BatchIndices(len(labels)), batch_size=self.batch_size, shuffle=train,
-                                      collate_fn=_identity, num_workers=0)
-        workers = self.num_workers
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return StatefulDataLoader(AugmentedImages(images, labels, self._cpu_transform(train)),
-                                  batch_size=self.batch_size, shuffle=train, num_workers=workers, pin_memory=pin,
-                                  persistent_workers=workers > 0)
+            return stateful_loader(BatchIndices(len(labels)), self.trainer, self.batch_size, train, self._seed,
+                                   collate_fn=_identity)
+        return stateful_loader(AugmentedImages(images, labels, self._cpu_transform(train)), self.trainer,
+                               self.batch_size, train, self._seed, num_workers=self.num_workers)
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train")
@@ -267,11 +270,11 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def _device_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._generator = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * (rank + 1))
-            if self._generator_state is not None:
-                self._generator.set_state(self._generator_state)
-                self._generator_state = None
+            self._generator = torch.Generator(device=device)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        # Seeding is host-side only (CUDA generators are counter-based): cheap, and no state to save but a count.
+        self._generator.manual_seed(((self._seed * 1_000_003 + rank) * 2_147_483_647 + self._batches_drawn) % 2**63)
+        self._batches_drawn += 1
         return self._generator
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -292,10 +295,7 @@ class CIFARDataModule(pl.LightningDataModule):
         return normalize(x, *self._norm), labels.index_select(0, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        if self._generator is not None:
-            return {"augment_generator": self._generator.get_state()}
-        return {}
+        return {"augmented_batches": self._batches_drawn}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._generator_state = state_dict.get("augment_generator")
-        self._generator = None
+        self._batches_drawn = int(state_dict.get("augmented_batches", 0))

@@ -7,6 +7,8 @@ import torch
 from torch.utils.data import TensorDataset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from step_lightning.data.loading import stateful_loader
+
 
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's 8x8 digits (``sklearn.datasets.load_digits``), shipped inside scikit-learn.
@@ -59,8 +61,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> StatefulDataLoader:
         assert dataset is not None, "setup() first"
-        # Stateful: Lightning saves its position, so a mid-epoch checkpoint resumes on the next batch.
-        return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        return stateful_loader(dataset, self.trainer, self.batch_size, shuffle, self.seed, num_workers=self.num_workers)
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)

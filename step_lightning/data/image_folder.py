@@ -12,6 +12,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from step_lightning.data.loading import global_seed, stateful_loader
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -129,10 +131,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> StatefulDataLoader:
         if split not in self.sets:
             raise RuntimeError(f"ImageFolderDataModule: call setup() before asking for the {split} loader.")
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return StatefulDataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
-                                  num_workers=self.num_workers, pin_memory=pin,
-                                  persistent_workers=self.num_workers > 0)
+        return stateful_loader(self.sets[split], self.trainer, self.batch_size, split == "train", global_seed(None),
+                               num_workers=self.num_workers)
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train")

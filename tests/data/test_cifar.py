@@ -18,7 +18,7 @@ from tests.conftest import make_cifar
 
 def _fake_trainer(stage: str = "train", rank: int = 0) -> Any:
     return SimpleNamespace(training=stage == "train", sanity_checking=False, validating=stage == "val",
-                           global_rank=rank, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+                           global_rank=rank, world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 def _batches(dm: CIFARDataModule, loader: StatefulDataLoader, stage: str = "train") -> list[tuple[Any, Any]]:
@@ -97,24 +97,25 @@ def test_device_path_without_augmentation_equals_the_cpu_path(tiny_cifar: Path) 
             assert torch.equal(ya, yb)
 
 
-def test_device_path_augmentation_resumes_from_its_state(tiny_cifar: Path) -> None:
-    dm = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=8, num_workers=0, gpu_augment=True)
-    dm.setup("fit")
-    dm.trainer = _fake_trainer()  # type: ignore[assignment]
+def test_device_path_augmentation_resumes_on_every_rank(tiny_cifar: Path) -> None:
+    def module(rank: int, state: dict[str, Any] | None = None) -> CIFARDataModule:
+        dm = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=8, num_workers=0, gpu_augment=True, seed=3)
+        dm.setup("fit")
+        dm.trainer = _fake_trainer(rank=rank)  # type: ignore[assignment]
+        if state is not None:
+            dm.load_state_dict(state)
+        return dm
+
     index = torch.arange(8)
-    dm.on_after_batch_transfer(index, 0)
-    state = dm.state_dict()
-    expected = dm.on_after_batch_transfer(index, 0)[0]
-    other = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=8, num_workers=0, gpu_augment=True)
-    other.setup("fit")
-    other.trainer = _fake_trainer()  # type: ignore[assignment]
-    other.load_state_dict(state)
-    assert torch.equal(other.on_after_batch_transfer(index, 0)[0], expected)
-    # Other ranks draw other augmentations.
-    rank1 = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=8, num_workers=0, gpu_augment=True)
-    rank1.setup("fit")
-    rank1.trainer = _fake_trainer(rank=1)  # type: ignore[assignment]
-    assert not torch.equal(rank1.on_after_batch_transfer(index, 0)[0], dm.on_after_batch_transfer(index, 0)[0])
+    runs = {rank: module(rank) for rank in (0, 1)}
+    for dm in runs.values():
+        dm.on_after_batch_transfer(index, 0)
+    state = runs[0].state_dict()  # only rank 0 writes checkpoints: its state must serve every rank
+    expected = {rank: dm.on_after_batch_transfer(index, 0)[0] for rank, dm in runs.items()}
+    for rank in (0, 1):
+        assert torch.equal(module(rank, state).on_after_batch_transfer(index, 0)[0], expected[rank])
+    assert not torch.equal(expected[0], expected[1])  # ranks draw different augmentations
+    assert not torch.equal(module(0).on_after_batch_transfer(index, 0)[0], expected[0])  # the next batch differs
 
 
 def test_bad_arguments_are_reported_together() -> None:
