@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,8 +29,13 @@ def read_state_dict(path: str | Path, arg: str = "--init_from") -> dict[str, tor
     if not path.is_file():
         raise FileNotFoundError(f"`{arg}` {str(path)!r} does not exist or is not a file.")
     try:
-        # A user's own checkpoint: Lightning checkpoints hold hyper-parameters, not only tensors.
-        loaded: Any = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors only: a file from elsewhere cannot run code
+            loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if damage(path) is not None:
+                raise
+            # A Lightning checkpoint may hold hyper-parameters of other types: the user's own file.
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated zip, not a torch file, ...
         raise ValueError(f"`{arg}` {str(path)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: "
                          f"{err}); it may be truncated or corrupt.") from None
@@ -85,9 +91,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take `storage_options`.")
         target = Path(str(path).removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-write
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0o600
+            with contextlib.suppress(OSError):  # some network filesystems refuse chmod: keep mkstemp's mode
+                os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0o600
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

@@ -131,9 +131,12 @@ class StepLightningCLI(LightningCLI):
         self._reject_init_from()
 
     def _reject_init_from(self) -> None:
+        # A run's saved config.yaml keeps its `init_from`: reusing that config to evaluate must still work.
         if self.config_init[self.subcommand].get("init_from"):
-            raise ValueError(f"`--init_from` initialises a new training run (`fit`); to {self.subcommand} a "
-                             "checkpoint pass it as `--ckpt_path`.")
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"`--init_from` only initialises a new training run (`fit`); `{self.subcommand}` "
+                           "ignores it. Pass the checkpoint to evaluate as `--ckpt_path`.")
 
     def after_fit(self) -> None:
         self._report_fit(self.trainer, self.model)

@@ -86,3 +86,12 @@ def test_cli_reports_a_truncated_ckpt_path(in_tmp: Path) -> None:
     (in_tmp / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(ValueError, match=r"`--ckpt_path` 'cut.ckpt' is truncated or corrupt"):
         main(["fit", "--ckpt_path", "cut.ckpt"])
+
+
+def test_init_from_is_ignored_with_a_warning_outside_fit(in_tmp: Path) -> None:
+    # A run's saved config.yaml keeps its init_from; evaluating with that config must still work.
+    from step_lightning.cli import QUICKSTART, main
+    from tests.test_cli import DEBUG
+
+    with pytest.warns(UserWarning, match="`validate` ignores it"):
+        main(["validate", "--config", str(QUICKSTART), "--config", str(DEBUG), "--init_from", "dense.ckpt"])

@@ -20,10 +20,14 @@ class LastCheckpoint(Checkpoint):
     ``last.ckpt`` (keep a ``ModelCheckpoint(monitor=...)`` beside it for the best model). It saves through
     ``trainer.save_checkpoint``: every rank calls it, rank 0 writes, and the CLI's
     :class:`~step_lightning.checkpointing.AtomicCheckpointIO` makes the write atomic, so a ``kill -9`` at
-    any moment leaves the previous ``last.ckpt`` intact. Mid-epoch checkpoints resume exactly when the
-    data loaders are stateful (the step_lightning data modules use torchdata's ``StatefulDataLoader``,
-    whose position Lightning saves). As a ``Checkpoint`` callback, Lightning runs it after every other
-    callback's hook, so a checkpoint holds the recipe's state after its end-of-step work.
+    any moment leaves the previous ``last.ckpt`` intact. Mid-epoch checkpoints resume on the next batch
+    when the data loaders are stateful (the step_lightning data modules use torchdata's
+    ``StatefulDataLoader``, whose position Lightning saves, with a seeded ``DistributedSampler`` under
+    DDP); the run is then bitwise the uninterrupted one when everything random is a function of the
+    position (digits; CIFAR's device-resident augmentation). Per-image CPU augmentation draws from the
+    workers' RNG, which no loader replays: those runs resume on the right batches, not the same crops.
+    As a ``Checkpoint`` callback, Lightning runs it after every other callback's hook, so a checkpoint
+    holds the recipe's state after its end-of-step work.
 
     Args:
         every_n_train_steps: optimizer steps between saves (0: only after validations and at the end).

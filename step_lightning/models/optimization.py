@@ -29,6 +29,7 @@ def configure_optimization(module: pl.LightningModule, params: Iterable[Any],
                              "(`--trainer.max_steps` -1 and `--trainer.max_epochs` -1 or an iterable without a "
                              "length): set `--trainer.max_steps` or the scheduler's `total_steps`.")
         scheduler.total_steps = int(total)
+        scheduler.total_from_trainer = True  # kept over the checkpoint's value on resume (see WarmupDecayLR)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

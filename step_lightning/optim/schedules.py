@@ -57,7 +57,24 @@ class WarmupDecayLR(LRScheduler):
         self.decay = decay
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.total_from_trainer = False  # set by the LightningModule when it fills in total_steps
         super().__init__(optimizer, last_epoch)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position; a length taken from the trainer stays the current run's (a resumed run with
+        more epochs stretches the rest of the schedule instead of sitting at ``min_lr_ratio``)."""
+        current = self.total_steps if self.total_from_trainer else None
+        super().load_state_dict(state_dict)
+        if current is not None and current != self.total_steps:
+            self.total_steps = current
+            self.total_from_trainer = True
+            # The restored optimizer holds the learning rate of the old length: set this position's now
+            # (Lightning restores optimizers before schedulers).
+            self._last_lr = [base * self.factor(self.last_epoch) for base in self.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+                group["lr"] = lr
+        elif current is not None:
+            self.total_from_trainer = True
 
     @property
     def needs_total_steps(self) -> bool:

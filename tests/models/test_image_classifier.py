@@ -74,11 +74,16 @@ def test_channels_last_and_bf16_mixed(tmp_path: Path, tiny_cifar: Path) -> None:
     assert model.net.block1[0].weight.is_contiguous(memory_format=torch.channels_last)
     dm = CIFARDataModule(data_dir=str(tiny_cifar), batch_size=4, num_workers=0, gpu_augment=True)
     step = STEPCallback(switch=1)
-    trainer = tiny_trainer(tmp_path, [step], max_steps=2, limit_val_batches=1, val_check_interval=2,
+    formats: list[bool] = []
+
+    class Format(pl.Callback):
+        def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            formats.append(pl_module.net.block1[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    trainer = tiny_trainer(tmp_path, [step, Format()], max_steps=2, limit_val_batches=1, val_check_interval=2,
                            precision="bf16-mixed")
     trainer.fit(model, dm)
-    weight = model.net.block1[0].weight
-    assert weight.is_contiguous(memory_format=torch.channels_last)  # the masked swap kept the format
+    assert formats == [True]  # the masked weights swapped in for validation kept the memory format
     masked = step.masked_state_dict(model)["net.block1.0.weight"]
     check_nm_sparse(masked, 2, 4, "conv")
 

@@ -54,3 +54,17 @@ def test_argument_errors_are_reported_together() -> None:
         assert arg in str(err.value)
     with pytest.raises(ValueError, match="'inverse_sqrt' needs `warmup` > 0"):
         WarmupDecayLR(_optimizer(), decay="inverse_sqrt")
+
+
+def test_a_longer_resumed_run_stretches_a_length_taken_from_the_trainer() -> None:
+    first = WarmupDecayLR(_optimizer(), decay="linear")
+    first.total_steps, first.total_from_trainer = 10, True
+    _lrs(first, 6)
+    longer = WarmupDecayLR(_optimizer(), decay="linear")
+    longer.total_steps, longer.total_from_trainer = 20, True  # e.g. --trainer.max_epochs doubled on resume
+    longer.load_state_dict(first.state_dict())
+    assert longer.total_steps == 20 and longer.last_epoch == 6
+    assert _lrs(longer, 2) == pytest.approx([2 * (1 - 6 / 20), 2 * (1 - 7 / 20)])
+    fixed = WarmupDecayLR(_optimizer(), decay="linear", total_steps=30)
+    fixed.load_state_dict(first.state_dict())  # a length given in the config is the checkpoint's
+    assert fixed.total_steps == 10
