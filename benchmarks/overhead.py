@@ -6,7 +6,7 @@ What is measured (CPU, ``torch.set_num_threads(2)`` unless ``--threads`` says ot
 
    * ``resnet18``: torchvision ResNet-18 (10 classes) with the CIFAR stem (3x3 stride-1 ``conv1``, no
      max-pool), batch 64 of random 3x32x32 images, cross-entropy;
-   * ``bert4``: a 4-layer BERT encoder (hidden 768, 12 heads, FFN 3072, vocab 30522) in
+   * ``bert4`` / ``bert_base``: a 4- / 12-layer BERT encoder (hidden 768, 12 heads, FFN 3072, vocab 30522) in
      ``BertForSequenceClassification`` built from the config (random weights, nothing downloaded),
      batch 16 of 128 random token ids;
 
@@ -78,7 +78,7 @@ RECIPE_LABELS: dict[str, str] = {
     "srste": "SR-STE (AdamW)",
     "asp": "ASP (prune_at=0, AdamW)",
 }
-MODELS: tuple[str, ...] = ("resnet18", "bert4")
+MODELS: tuple[str, ...] = ("resnet18", "bert4", "bert_base")
 N, M = 2, 4
 LR = 1e-3
 
@@ -96,11 +96,11 @@ def cifar_resnet18() -> nn.Module:
     return model
 
 
-def bert4() -> nn.Module:
-    """A 4-layer BERT-base-width encoder with a 2-class head, random weights (nothing downloaded)."""
+def bert(layers: int) -> nn.Module:
+    """A BERT-base-width encoder (768/12 heads/3072) of ``layers`` layers, 2-class head, random weights."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+    config = BertConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072,
                         vocab_size=30522, num_labels=2)
     return BertForSequenceClassification(config)
 
@@ -146,7 +146,9 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "resnet18": Workload("resnet18", f"ResNet-18 (CIFAR stem), batch {img_batch}, 3x32x32",
                              cifar_resnet18, images, is_text=False),
         "bert4": Workload("bert4", f"BERT 4 layers (768/12/3072), batch {txt_batch}, seq {seq}",
-                          bert4, tokens, is_text=True),
+                          lambda: bert(4), tokens, is_text=True),
+        "bert_base": Workload("bert_base", f"BERT-base, 12 layers (768/12/3072), batch {txt_batch}, seq {seq}",
+                              lambda: bert(12), tokens, is_text=True),
     }
 
 

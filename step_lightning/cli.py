@@ -56,6 +56,10 @@ class StepLightningCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path",
+                              apply_on="parse")
         parser.add_argument(
             "--init_from", type=str | None, default=None,
             help="fit only: copy the model weights of this checkpoint (a Lightning .ckpt or a plain state_dict "
@@ -151,7 +155,7 @@ class StepLightningCLI(LightningCLI):
             return
         lines = ["", "step_lightning fit finished."]
         metrics = trainer.callback_metrics
-        for key in ("val/acc", "val/loss"):
+        for key in ("val/acc", "val/score", "val/ppl", "val/loss"):
             if key in metrics:
                 lines.append(f"  final {key}: {float(metrics[key]):.4f}")
         recipe = recipe_of(trainer)

@@ -72,9 +72,29 @@ def test_module_entry_point_help() -> None:
 def test_every_shipped_config_instantiates_with_the_debug_overlay(in_tmp: Path, config: str) -> None:
     text = (CONFIGS / config).read_text()
     assert text.startswith("# ") and "python -m step_lightning fit" in text  # says what it trains and how
-    cli = StepLightningCLI(args=["--config", str(CONFIGS / config), "--config", str(DEBUG)], run=False)
+    cli = StepLightningCLI(args=["--config", str(CONFIGS / config), "--config", str(DEBUG),
+                                 *offline_overrides(config, in_tmp)], run=False)
     assert cli.trainer.max_epochs == 2 and cli.trainer.limit_train_batches == 6
     assert cli.model is not None and cli.datamodule is not None
+
+
+def offline_overrides(config: str, root: Path) -> list[str]:
+    """For the language-model configs: a tiny local model and data in ``root`` instead of the Hub's."""
+    if config.startswith("glue/"):
+        from tests.hf_tiny import make_glue, make_tiny_bert
+
+        model, data = make_tiny_bert(root / "bert"), root / "glue"
+        make_glue(data)
+        return ["--model.init_args.model_name_or_path", str(model), "--data.init_args.data_dir", str(data),
+                "--data.init_args.max_length", "64"]
+    if config.startswith("wikitext/"):
+        from tests.hf_tiny_lm import build_gpt2, write_wikitext
+
+        model, data = build_gpt2(root / "gpt2"), root / "wiki"
+        write_wikitext(data)
+        return ["--model.init_args.model_name_or_path", str(model), "--data.init_args.data_dir", str(data),
+                "--data.init_args.block_size", "32"]
+    return []
 
 
 def test_typo_in_a_key(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,8 @@
 
 from step_lightning.data.cifar import CIFARDataModule
 from step_lightning.data.digits import DigitsDataModule
+from step_lightning.data.glue import GLUEDataModule
 from step_lightning.data.image_folder import ImageFolderDataModule
+from step_lightning.data.wikitext import WikiTextDataModule
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule"]
+__all__ = ["CIFARDataModule", "DigitsDataModule", "GLUEDataModule", "ImageFolderDataModule", "WikiTextDataModule"]

@@ -1,0 +1,36 @@
+"""Helpers shared by the Hugging Face data modules (GLUE, WikiText): what identifies a tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about ``tokenizer`` that changes the token ids it produces.
+
+    Its class, ``name_or_path``, vocabulary sizes and, for fast tokenizers, the serialised backend (vocabulary,
+    normaliser, pre-tokeniser, post-processor; without the truncation/padding state that calling it changes);
+    for slow tokenizers, the files ``save_pretrained`` writes.
+    """
+    digest = hashlib.sha256()
+    cls = type(tokenizer)
+    for part in (f"{cls.__module__}.{cls.__qualname__}", tokenizer.name_or_path, str(tokenizer.vocab_size),
+                 str(len(tokenizer))):
+        digest.update(part.encode() + b"\0")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            for file in sorted(Path(tmp).rglob("*")):
+                if file.is_file():
+                    digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
