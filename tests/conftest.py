@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# No test may reach the network: Hugging Face libraries read these at import, so set them before anything imports.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 from typing import Any
 
 import lightning.pytorch as pl

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from step_lightning.data.hf import tokenizer_fingerprint
+from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
 
 if TYPE_CHECKING:
@@ -330,6 +330,10 @@ class GLUEDataModule(pl.LightningDataModule):
         if limit is not None and limit < 1_000_000 and self.max_length > limit:
             raise ValueError(f"GLUEDataModule: `--data.max_length`={self.max_length} exceeds the tokenizer's "
                              f"model_max_length {limit} (from {self.model_name_or_path!r}); use at most {limit}.")
+        positions, _ = model_context(self.model_name_or_path)
+        if positions is not None and self.max_length > positions:
+            raise ValueError(f"GLUEDataModule: `--data.max_length`={self.max_length} exceeds the {positions} positions "
+                             f"of the model {self.model_name_or_path!r}; use at most {positions}.")
         if tokenizer.pad_token is None:
             raise ValueError(f"GLUEDataModule: the tokenizer of `--data.model_name_or_path`="
                              f"{self.model_name_or_path!r} has no padding token, which dynamic padding needs.")
@@ -397,7 +401,8 @@ class GLUEDataModule(pl.LightningDataModule):
                                "Trainer does) on every node.")
         self.tokenizer = tokenizer
         self.datasets = load_from_disk(str(target))
-        self.collator = DataCollatorWithPadding(tokenizer)
+        # Lengths in multiples of 8: tensor-core friendly, and few distinct shapes for torch.compile.
+        self.collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     # ---- loaders ----------------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> StatefulDataLoader:

@@ -1,4 +1,5 @@
-"""Helpers shared by the Hugging Face data modules (GLUE, WikiText): what identifies a tokenizer."""
+"""Helpers shared by the Hugging Face data modules (GLUE, WikiText): what identifies a tokenizer, the
+model's context length."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
                 if file.is_file():
                     digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
+
+
+def model_context(model_name_or_path: str) -> tuple[int | None, int | None]:
+    """``(positions, vocab_size)`` of the model's config (``n_positions`` or ``max_position_embeddings``).
+
+    ``(None, None)`` when no config can be read (e.g. a tokenizer-only path).
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return None, None
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return positions, getattr(config, "vocab_size", None)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -21,15 +22,23 @@ def stateful_loader(dataset: Dataset, trainer: pl.Trainer | None, batch_size: in
                     num_workers: int = 0, **kwargs: Any) -> StatefulDataLoader:
     """A ``StatefulDataLoader`` (Lightning saves its position in checkpoints, so a run resumes mid-epoch).
 
-    Under DDP it gets a ``DistributedSampler`` here, seeded with ``seed``: its order is a function of the seed
-    and the epoch (Lightning calls ``set_epoch``), so fast-forwarding to the saved position on resume yields
-    exactly the batches an uninterrupted run would see. (Lightning would otherwise wrap torchdata's stateful
-    ``RandomSampler`` in a ``DistributedSamplerWrapper`` whose inner order is re-drawn on resume.)
+    Under DDP a training loader gets a ``DistributedSampler`` here, seeded with ``seed``: its order is a
+    function of the seed and the epoch (Lightning calls ``set_epoch``), so fast-forwarding to the saved
+    position on resume yields exactly the batches an uninterrupted run would see. (Lightning would otherwise
+    wrap torchdata's stateful ``RandomSampler`` in a ``DistributedSamplerWrapper``, whose inner order is
+    re-drawn on resume.)
+    Evaluation loaders (``shuffle=False``) get Lightning's ``UnrepeatedDistributedSampler``: no example is
+    counted twice in a dev-set metric.
     """
-    sampler = None
-    if trainer is not None and trainer.world_size > 1:
+    sampler: DistributedSampler | None = None
+    if trainer is not None and trainer.world_size > 1 and not shuffle:
+        # Evaluation: every example exactly once over all ranks (DistributedSampler would repeat a few to even
+        # out the ranks, which changes dev-set metrics; Lightning's evaluation loops allow uneven ranks).
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                               shuffle=False)
+    elif trainer is not None and trainer.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                     shuffle=shuffle, seed=seed)
+                                     shuffle=True, seed=seed)
         # A resumed run restores the loader position before Lightning's per-epoch `set_epoch`: the epoch must
         # already be right here (the loaders are built after the checkpoint's loop state is restored).
         sampler.set_epoch(trainer.current_epoch)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
-from step_lightning.data.hf import tokenizer_fingerprint
+from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
 
 Variant = Literal["wikitext-2", "wikitext-103"]
@@ -120,7 +122,10 @@ def to_blocks(ids: np.ndarray, block_size: int) -> np.ndarray:
 
 def _read_lines(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8", newline="") as f:  # newline="": the text as written, "\r\n" included
-        yield from f
+        for line in f:
+            # As the Hugging Face builder stores them: whitespace-only lines are empty, so the raw files and
+            # the Hub give the same token stream.
+            yield line if line.strip() else ""
 
 
 class TokenBlocks(Dataset):
@@ -162,21 +167,6 @@ def _identity(batch: Any) -> Any:
 
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "step_lightning" / "wikitext"
-
-
-def model_context(model_name_or_path: str) -> tuple[int | None, int | None]:
-    """``(positions, vocab_size)`` of the model's config (``n_positions`` or ``max_position_embeddings``).
-
-    ``(None, None)`` when no config can be read (e.g. a tokenizer-only path).
-    """
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError):
-        return None, None
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return positions, getattr(config, "vocab_size", None)
 
 
 class WikiTextDataModule(pl.LightningDataModule):
@@ -340,9 +330,19 @@ class WikiTextDataModule(pl.LightningDataModule):
             if len(ids) < self.block_size:
                 raise ValueError(f"WikiTextDataModule: the {split} split of {self.variant} has {len(ids)} tokens, "
                                  f"fewer than one block of `--data.block_size`={self.block_size}; lower it.")
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, to_blocks(ids, self.block_size))
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
+            # A unique temporary file (nodes sharing a filesystem may run this at once, with equal PIDs), flushed
+            # to disk, then renamed: a reader never sees half a file.
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npy", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, to_blocks(ids, self.block_size))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
 
     @override
     def setup(self, stage: str) -> None:

@@ -243,7 +243,8 @@ class CausalLM(pl.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                out = self.model.generate(**inputs, generation_config=config)
+                # Keyword arguments win over the model's saved generation defaults (which may sample).
+                out = self.model.generate(**inputs, generation_config=config, do_sample=False, num_beams=1)
         finally:
             self.model.train(was_training)
         return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -40,14 +40,14 @@ def glue_metrics(task: str) -> nn.ModuleDict:
     """
     spec = TASKS[task]
     if task == "cola":
-        return nn.ModuleDict({"mcc": BinaryMatthewsCorrCoef()})
+        return nn.ModuleDict({"mcc": BinaryMatthewsCorrCoef(validate_args=False)})
     if task == "stsb":
         with warnings.catch_warnings():  # "will save all targets and predictions": 1,500 pairs in STS-B's dev set
             warnings.filterwarnings("ignore", message=".*will save all targets and predictions", category=UserWarning)
             return nn.ModuleDict({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
     if task in ("mrpc", "qqp"):
-        return nn.ModuleDict({"f1": BinaryF1Score(), "acc": BinaryAccuracy()})
-    return nn.ModuleDict({"acc": MulticlassAccuracy(spec.num_labels, average="micro")})
+        return nn.ModuleDict({"f1": BinaryF1Score(validate_args=False), "acc": BinaryAccuracy(validate_args=False)})
+    return nn.ModuleDict({"acc": MulticlassAccuracy(spec.num_labels, average="micro", validate_args=False)})
 
 
 def glue_score(task: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -175,9 +175,12 @@ class SequenceClassifier(pl.LightningModule):
         values: dict[str, torch.Tensor] = {}
         scores = []
         loss_metric = self.val_loss if stage == "val" else self.test_loss
-        for suffix, metrics in zip(self.eval_suffixes, self.val_metrics if stage == "val" else self.test_metrics,
-                                   strict=True):
-            if not _updated(metrics.values()):
+        groups = self.val_metrics if stage == "val" else self.test_metrics
+        # Under DDP a rank can see no batch of a small dev set (the eval sampler does not repeat examples):
+        # decide from every rank's counts, so all ranks take part in the same metric syncs.
+        seen = self._seen_anywhere([_updated(m.values()) for m in groups] + [_updated([loss_metric])])
+        for suffix, metrics, updated in zip(self.eval_suffixes, groups, seen[:-1], strict=True):
+            if not updated:
                 continue
             computed = {name: metric.compute() for name, metric in metrics.items()}
             values.update({f"{stage}/{name}{suffix}": value for name, value in computed.items()})
@@ -186,10 +189,17 @@ class SequenceClassifier(pl.LightningModule):
                 metric.reset()
         if scores:
             values[f"{stage}/score"] = torch.stack(scores).mean()
-        if _updated([loss_metric]):
+        if seen[-1]:
             values[f"{stage}/loss"] = loss_metric.compute()
         loss_metric.reset()
         return values
+
+    def _seen_anywhere(self, local: list[bool]) -> list[bool]:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return local
+        flags = torch.tensor(local, dtype=torch.int32, device=self.device)
+        return [bool(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
 
     def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], dataloader_idx: int) -> None:
         self.update_metrics(stage, dataloader_idx, self(batch), batch["labels"])
