@@ -33,8 +33,7 @@ def configure_optimization(module: pl.LightningModule, params: Iterable[Any],
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def parameter_groups(module: torch.nn.Module, no_decay: tuple[str, ...] = ("bias", "norm", "embeddings.position")
-                     ) -> list[dict[str, Any]]:
+def parameter_groups(module: torch.nn.Module, no_decay: tuple[str, ...] = ("bias", "norm")) -> list[dict[str, Any]]:
     """Two parameter groups, the Hugging Face / BERT convention: no weight decay on biases and norm weights.
 
     A parameter goes to the ``weight_decay=0`` group when it is 1-D (biases, LayerNorm/BatchNorm weights) or

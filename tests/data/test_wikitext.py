@@ -214,6 +214,6 @@ def test_hugging_face_datasets_failure_names_the_offline_option(gpt2_dir: Path, 
         raise ConnectionError("offline")
 
     _patch_load_dataset(monkeypatch, load_dataset)
-    dm = _module(gpt2_dir, None, tmp_path / "cache")
+    dm = _module(gpt2_dir, None, tmp_path / "cache", block_size=16)
     with pytest.raises(RuntimeError, match=r"ConnectionError: offline.*set `--data.data_dir` to a folder holding"):
         dm.prepare_data()
