@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,20 +191,26 @@ class CIFARDataModule(pl.LightningDataModule):
         files = cifar_files(self.data_dir, self.dataset)
         if all(f.is_file() for f in files["train"] + files["test"]):
             return
-        if files["archive"].is_file():
-            from torchvision.datasets.utils import extract_archive
+        # Work in a private folder next to the data and rename the result into place: nodes that share a
+        # filesystem each run this (one process per node), and none may read another's half-written files.
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".cifar-", dir=self.data_dir) as tmp:
+            if files["archive"].is_file():
+                from torchvision.datasets.utils import extract_archive
 
-            rank_zero_info(f"CIFARDataModule: extracting {files['archive']}")
-            extract_archive(str(files["archive"]), self.data_dir)
-            return
-        try:
-            _TORCHVISION[self.dataset](self.data_dir, train=True, download=True)
-        except Exception as err:  # no network, proxy, disk full...
-            raise RuntimeError(
-                f"CIFARDataModule: {self.dataset} is not under `--data.data_dir` {self.data_dir!r} and downloading it "
-                f"failed ({type(err).__name__}: {err}). Put the official archive {files['archive'].name} or its "
-                f"extracted folder {files['folder'].name}/ there."
-            ) from err
+                rank_zero_info(f"CIFARDataModule: extracting {files['archive']}")
+                extract_archive(str(files["archive"]), tmp)
+            else:
+                try:
+                    _TORCHVISION[self.dataset](tmp, train=True, download=True)
+                except Exception as err:  # no network, proxy, disk full...
+                    raise RuntimeError(
+                        f"CIFARDataModule: {self.dataset} is not under `--data.data_dir` {self.data_dir!r} and "
+                        f"downloading it failed ({type(err).__name__}: {err}). Put the official archive "
+                        f"{files['archive'].name} or its extracted folder {files['folder'].name}/ there."
+                    ) from err
+            with contextlib.suppress(OSError):  # another node finished first: its copy is complete
+                os.replace(Path(tmp) / files["folder"].name, files["folder"])
 
     @property
     def _seed(self) -> int:
