@@ -10,9 +10,7 @@ needs. Accepted files: a Lightning checkpoint (``last.ckpt``: its ``state_dict``
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 from typing_extensions import override
+
+from step_lightning.files import write_atomically
 
 
 def read_state_dict(path: str | Path, arg: str = "--init_from") -> dict[str, torch.Tensor]:
@@ -94,25 +94,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-write
             with contextlib.suppress(OSError):
                 stale.unlink()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with contextlib.suppress(OSError):  # some network filesystems refuse chmod: keep mkstemp's mode
-                os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0o600
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # persist the rename itself (not possible on every platform)
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_atomically(target, lambda f: torch.save(checkpoint, f))
         return None
 
     @override
@@ -131,12 +113,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"checkpoint {str(path)!r} is truncated or corrupt ({problem}); it cannot be resumed from. Pass "
                 f"another checkpoint as `--ckpt_path`{': ' + ', '.join(others) if others else ''}."
             ) from err
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_not_truncated(path: Any, arg: str = "--ckpt_path") -> None:

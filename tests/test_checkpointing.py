@@ -46,11 +46,12 @@ def test_atomic_save_keeps_the_previous_file_when_a_save_dies(tmp_path: Path, mo
 
     from step_lightning import checkpointing
     from step_lightning.checkpointing import AtomicCheckpointIO
+    from step_lightning.files import umask
 
     io = AtomicCheckpointIO()
     target = tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint({"step": torch.tensor(1)}, target)
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~checkpointing._umask())
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~umask())
 
     def dies_halfway(obj: object, f: object) -> None:
         f.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +19,7 @@ from typing_extensions import override
 
 from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
+from step_lightning.files import write_atomically
 
 Variant = Literal["wikitext-2", "wikitext-103"]
 VARIANTS: tuple[str, ...] = ("wikitext-2", "wikitext-103")
@@ -332,19 +331,9 @@ class WikiTextDataModule(pl.LightningDataModule):
             if len(ids) < self.block_size:
                 raise ValueError(f"WikiTextDataModule: the {split} split of {self.variant} has {len(ids)} tokens, "
                                  f"fewer than one block of `--data.block_size`={self.block_size}; lower it.")
-            # A unique temporary file (nodes sharing a filesystem may run this at once, with equal PIDs), flushed
-            # to disk, then renamed: a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npy", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, to_blocks(ids, self.block_size))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            # Nodes sharing a filesystem may run this at once: a reader never sees half a file.
+            blocks = to_blocks(ids, self.block_size)
+            write_atomically(path, lambda f, blocks=blocks: np.save(f, blocks))
 
     @override
     def setup(self, stage: str) -> None:
