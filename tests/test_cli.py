@@ -94,6 +94,12 @@ def offline_overrides(config: str, root: Path) -> list[str]:
         write_wikitext(data)
         return ["--model.init_args.model_name_or_path", str(model), "--data.init_args.data_dir", str(data),
                 "--data.init_args.block_size", "32"]
+    if config.startswith("wmt17_de_en/"):
+        from tests.wmt_tiny import TINY_DATA, make_parallel
+
+        data = make_parallel(root / "wmt")
+        return ["--model.init_args.arch", "tiny", "--data.init_args.data_dir", str(data),
+                *(arg for key, value in TINY_DATA.items() for arg in (f"--data.init_args.{key}", str(value)))]
     return []
 
 

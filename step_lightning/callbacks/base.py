@@ -51,6 +51,8 @@ def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: b
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{arg}` must be an int (optimizer step) or a float in (0, 1) (fraction of the run), "
                          f"got {value!r}.")
+    if isinstance(value, float) and value >= 1.0 and value.is_integer():
+        value = int(value)  # a whole number >= 1 is a step: jsonargparse can hand a YAML `4000` over as 4000.0
     if isinstance(value, float):
         if not 0.0 < value < 1.0:
             raise ValueError(f"`{arg}`={value!r} as a float is a fraction of the run's optimizer steps and must "

@@ -5,5 +5,13 @@ from step_lightning.data.digits import DigitsDataModule
 from step_lightning.data.glue import GLUEDataModule
 from step_lightning.data.image_folder import ImageFolderDataModule
 from step_lightning.data.wikitext import WikiTextDataModule
+from step_lightning.data.wmt import WMTDataModule
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "GLUEDataModule", "ImageFolderDataModule", "WikiTextDataModule"]
+__all__ = [
+    "CIFARDataModule",
+    "DigitsDataModule",
+    "GLUEDataModule",
+    "ImageFolderDataModule",
+    "WMTDataModule",
+    "WikiTextDataModule",
+]

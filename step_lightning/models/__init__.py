@@ -3,5 +3,6 @@
 from step_lightning.models.causal_lm import CausalLM
 from step_lightning.models.image_classifier import ImageClassifier
 from step_lightning.models.sequence_classifier import SequenceClassifier
+from step_lightning.models.translation import TranslationModule
 
-__all__ = ["CausalLM", "ImageClassifier", "SequenceClassifier"]
+__all__ = ["CausalLM", "ImageClassifier", "SequenceClassifier", "TranslationModule"]

@@ -81,6 +81,13 @@ def test_step_switch_as_fraction(tmp_path: Path) -> None:
     assert cb.switch_step == 3
 
 
+def test_whole_float_steps_are_steps(tmp_path: Path) -> None:
+    # jsonargparse can hand a YAML `4000` for an `int | float` argument over as 4000.0: it is a step, not an error.
+    cb = STEPCallback(switch=5.0, autoswitch_t_min=4000.0)
+    fit(tmp_path, cb, max_steps=8)
+    assert cb.switch_step == 5
+
+
 def test_srste_masks_from_the_first_step(tmp_path: Path) -> None:
     cb = SRSTECallback(decay=2e-4)
     model = fit(tmp_path, cb, optimizer="sgd", max_steps=6)
@@ -323,7 +330,7 @@ def test_manual_optimization_is_refused(tmp_path: Path) -> None:
         (lambda: SRSTECallback(decay=-2e-4), r"`decay` \(SR-STE lambda_w\) must be a number >= 0"),
         (lambda: SRSTECallback(mask_update_interval=0), r"`mask_update_interval` must be an integer >= 1"),
         (lambda: ASPCallback(prune_at=-1), r"`prune_at` must be >= 0, got -1"),
-        (lambda: ASPCallback(prune_at=2.0), r"`prune_at`=2.0 as a float is a fraction"),
+        (lambda: ASPCallback(prune_at=1.5), r"`prune_at`=1.5 as a float is a fraction"),
         (lambda: SRSTECallback(include=["("]), r"`include` holds an invalid regular expression"),
     ],
 )
