@@ -58,7 +58,7 @@ class StepLightningCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
         parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
-        parser.link_arguments("data.num_tokens", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.num_tokens", "model.init_args.num_tokens", apply_on="instantiate")
         parser.link_arguments("data.pad_idx", "model.init_args.pad_idx", apply_on="instantiate")
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path",
                               apply_on="parse")

@@ -35,7 +35,7 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return StepAdamW(params, lr=7e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
 
 
-def build_transformer(arch: Arch, vocab_size: int, pad_idx: int = 0, max_seq_len: int = 1024,
+def build_transformer(arch: Arch, num_tokens: int, pad_idx: int = 0, max_positions: int = 1024,
                       dropout_p: float = 0.1) -> nn.Module:
     """fairseq2's encoder-decoder Transformer (``create_nllb_model``) in the dims of ``arch``, torch modules inside.
 
@@ -45,7 +45,7 @@ def build_transformer(arch: Arch, vocab_size: int, pad_idx: int = 0, max_seq_len
     output projection (tied to it) dense.
     """
     nllb = import_fairseq2("fairseq2.models.nllb")
-    config = nllb.NllbConfig(vocab_size=vocab_size, pad_idx=pad_idx, max_seq_len=max_seq_len, dropout_p=dropout_p,
+    config = nllb.NllbConfig(vocab_size=num_tokens, pad_idx=pad_idx, max_seq_len=max_positions, dropout_p=dropout_p,
                              **ARCHS[arch])
     return to_torch_modules(nllb.create_nllb_model(config))
 
@@ -70,9 +70,10 @@ class TranslationModule(pl.LightningModule):
 
     Args:
         arch: ``tiny``, ``base`` or ``big``.
-        vocab_size: the tokenizer's vocabulary size; linked from ``--data.num_tokens`` by the CLI.
+        num_tokens: the tokenizer's vocabulary size (embedding rows); linked from ``--data.num_tokens`` by the
+            CLI (``--data.vocab_size`` SentencePiece pieces + 6 special symbols).
         pad_idx: the padding index (0 with fairseq2's NLLB tokenizer).
-        max_seq_len: positions of the sinusoidal encodings (longest source/target the model can see).
+        max_positions: positions of the sinusoidal encodings (longest source/target the model can see).
         dropout_p: dropout of attention, FFN and embeddings (0.1 base, 0.3 big on WMT14 En-De).
         label_smoothing: epsilon of the label-smoothed cross-entropy.
         beam_size: beam width of the BLEU decoding.
@@ -107,9 +108,9 @@ class TranslationModule(pl.LightningModule):
     def __init__(
         self,
         arch: Arch = "base",
-        vocab_size: int = 32006,
+        num_tokens: int = 32006,
         pad_idx: int = 0,
-        max_seq_len: int = 1024,
+        max_positions: int = 1024,
         dropout_p: float = 0.1,
         label_smoothing: float = 0.1,
         beam_size: int = 4,
@@ -125,16 +126,16 @@ class TranslationModule(pl.LightningModule):
         problems = []
         if arch not in ARCHS:
             problems.append(f"`--model.arch` must be one of {list(ARCHS)}, got {arch!r}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            problems.append(f"`--model.vocab_size` must be an integer >= 2, got {vocab_size!r}")
-        elif not 0 <= pad_idx < vocab_size:
-            problems.append(f"`--model.pad_idx` must be in [0, vocab_size), got {pad_idx!r}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 2:
+            problems.append(f"`--model.num_tokens` must be an integer >= 2, got {num_tokens!r}")
+        elif not 0 <= pad_idx < num_tokens:
+            problems.append(f"`--model.pad_idx` must be in [0, num_tokens), got {pad_idx!r}")
         if not 0.0 <= label_smoothing < 1.0:
             problems.append(f"`--model.label_smoothing` must be in [0, 1), got {label_smoothing!r}")
         if not 0.0 <= dropout_p < 1.0:
             problems.append(f"`--model.dropout_p` must be in [0, 1), got {dropout_p!r}")
         for flag, value, low in (("beam_size", beam_size, 1), ("bleu_every_n_val", bleu_every_n_val, 0),
-                                 ("max_seq_len", max_seq_len, 8)):
+                                 ("max_positions", max_positions, 8)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"`--model.{flag}` must be an integer >= {low}, got {value!r}")
         if bleu_max_batches is not None and (not isinstance(bleu_max_batches, int) or bleu_max_batches < 1):
@@ -144,7 +145,7 @@ class TranslationModule(pl.LightningModule):
         if problems:
             raise ValueError("TranslationModule: " + "; ".join(problems) + ".")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = build_transformer(arch, vocab_size, pad_idx, max_seq_len, dropout_p)
+        self.model = build_transformer(arch, num_tokens, pad_idx, max_positions, dropout_p)
         self.pad_idx = pad_idx
         self.label_smoothing = label_smoothing
         self.beam_size = beam_size

@@ -71,6 +71,13 @@ def test_batches_hold_padded_ids_within_the_token_budget(corpus: Path) -> None:
     assert all(text.isupper() for b in val for text in b["target_text"])
 
 
+def test_batch_size_caps_the_sentences_per_batch(corpus: Path) -> None:
+    uncapped = max(len(b["target_text"]) for b in _dm(corpus).build_pipeline("train", True, 0))
+    capped = list(_dm(corpus, batch_size=5).build_pipeline("train", True, 0))
+    assert uncapped > 5 and max(len(b["target_text"]) for b in capped) == 5
+    assert sum(len(b["target_text"]) for b in capped) == 300
+
+
 def test_shuffling_is_seeded_and_changes_per_epoch(corpus: Path) -> None:
     dm = _dm(corpus)
 

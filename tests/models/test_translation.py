@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("fairseq2") is None or importlib.util.find_spec("sentencepiece") is None,
     reason="needs the translation extra (fairseq2, sentencepiece)")
 
-from step_lightning import StepAdamW, STEPCallback, check_nm_sparse  # noqa: E402
+from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse  # noqa: E402
 from step_lightning.data.wmt import WMTDataModule  # noqa: E402
 from step_lightning.models.translation import ARCHS, TranslationModule  # noqa: E402
 from step_lightning.sparsity import select_targets  # noqa: E402
@@ -40,7 +40,7 @@ def _dm(corpus: Path, **kwargs: Any) -> WMTDataModule:
 
 
 def _model(dm: WMTDataModule, **kwargs: Any) -> TranslationModule:
-    args: dict[str, Any] = dict(arch="tiny", vocab_size=dm.num_tokens, dropout_p=0.0, beam_size=2,
+    args: dict[str, Any] = dict(arch="tiny", num_tokens=dm.num_tokens, dropout_p=0.0, beam_size=2, max_gen_len=(1.5, 6),
                                 optimizer=lambda p: StepAdamW(p, lr=3e-3, betas=(0.9, 0.98)))
     args.update(kwargs)
     return TranslationModule(**args)
@@ -59,7 +59,7 @@ def expected_targets(layers: tuple[int, int] = (2, 2)) -> set[str]:
 
 
 def test_projections_are_targets_and_the_tied_embedding_stays_dense() -> None:
-    model = TranslationModule(arch="tiny", vocab_size=70)
+    model = TranslationModule(arch="tiny", num_tokens=70)
     targets, skipped = select_targets(model, 2, 4)
     assert {t.name for t in targets} == expected_targets()
     assert all(t.layout == "linear" for t in targets)
@@ -91,8 +91,8 @@ def test_swapped_modules_compute_what_fairseq2_computes() -> None:
 
 def test_errors_name_the_flags() -> None:
     with pytest.raises(ValueError) as err:
-        TranslationModule(arch="huge", vocab_size=1, label_smoothing=1.5, beam_size=0)  # type: ignore[arg-type]
-    for flag in ("--model.arch", "--model.vocab_size", "--model.label_smoothing", "--model.beam_size"):
+        TranslationModule(arch="huge", num_tokens=1, label_smoothing=1.5, beam_size=0)  # type: ignore[arg-type]
+    for flag in ("--model.arch", "--model.num_tokens", "--model.label_smoothing", "--model.beam_size"):
         assert flag in str(err.value)
 
 
@@ -106,11 +106,15 @@ class ValidationWeights(pl.Callback):
         self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
-@pytest.mark.parametrize("recipe", ["dense", "step"])
+RECIPES = {"dense": lambda: None, "step": lambda: STEPCallback(switch=1), "srste": lambda: SRSTECallback(),
+           "asp": lambda: ASPCallback(prune_at=1)}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
 def test_fit_under_recipe_logs_loss_and_bleu(tmp_path: Path, corpus: Path, recipe: str) -> None:
     dm = _dm(corpus)
     model = _model(dm, bleu_max_batches=1)
-    callback = STEPCallback(switch=1) if recipe == "step" else None
+    callback = RECIPES[recipe]()
     seen = ValidationWeights()
     trainer = tiny_trainer(tmp_path, [c for c in (callback, seen) if c is not None], max_steps=3,
                            val_check_interval=3, limit_val_batches=2, check_val_every_n_epoch=None)
@@ -122,11 +126,51 @@ def test_fit_under_recipe_logs_loss_and_bleu(tmp_path: Path, corpus: Path, recip
     assert float(metrics["val/nll"]) != float(metrics["val/loss"])  # val/loss is label-smoothed, val/nll is not
     if callback is None:
         return
-    assert {t.name for t in callback.targets} == expected_targets() and callback.switch_step == 1
+    assert {t.name for t in callback.targets} == expected_targets()
     for target in callback.targets:  # validation (and beam search) saw the N:M model
         check_nm_sparse(seen.weights[target.name], 2, 4, target.layout, name=target.name)
     embedding = seen.weights["model.encoder_frontend.embed.weight"]
     assert (embedding != 0).all()  # the embedding / output projection stays dense
+
+
+def test_batch_layout_is_fairseq2s_layout() -> None:
+    from step_lightning._fairseq2 import batch_layout, import_fairseq2
+
+    reference = import_fairseq2("fairseq2.nn").BatchLayout.of
+    for lens, width in (([7, 5, 7], 7), ([3], 3), ([4, 4], 5), ([1, 2, 3, 9], 9)):
+        seqs = torch.zeros(len(lens), width, dtype=torch.long)
+        expected, built = reference(seqs, lens), batch_layout(seqs, lens)
+        for field in ("width", "seq_begin_indices", "seq_lens", "min_seq_len", "max_seq_len", "padded", "packed"):
+            assert getattr(built, field) == getattr(expected, field), field
+        for field in ("seq_begin_indices_pt", "seq_lens_pt", "position_indices"):
+            a, b = getattr(built, field), getattr(expected, field)
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+    with pytest.raises(ValueError, match=r"every length must be in \[1, 3\]"):
+        batch_layout(torch.zeros(2, 3), [4, 1])
+
+
+def test_predict_writes_one_translation_per_input_line_in_order(tmp_path: Path, corpus: Path) -> None:
+    lines = ["w1 w2 w3", "", "w7", "w3 w3 w9 w11 w12 w13", "w5 w6", "w8 w8"]
+    source = tmp_path / "news.de"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dm = _dm(corpus, predict_file=str(source), eval_max_tokens=48)  # several batches, sorted by length
+    output = tmp_path / "out" / "news.en"
+    model = _model(dm, predict_output=str(output))
+    trainer = tiny_trainer(tmp_path, [])
+    batches = trainer.predict(model, dm)  # real beam search
+    assert sum(len(b) for b in batches) == len(lines) and len(batches) > 1
+    assert output.read_text(encoding="utf-8").count("\n") == len(lines)
+
+    # A "translation" that decodes the source shows where each sentence lands: line i must be input line i.
+    def echo(source: torch.Tensor, lens: list[int], tokenizer: Any, tgt_lang: str) -> list[str]:
+        decoder = tokenizer.create_decoder(skip_special_tokens=True)
+        return [str(decoder(row[:n])) for row, n in zip(source, lens, strict=True)]
+
+    model.translate = echo  # type: ignore[method-assign]
+    trainer.predict(model, dm)
+    assert output.read_text(encoding="utf-8").split("\n") == [*lines, ""]
+    with pytest.raises(FileNotFoundError, match=r"--data\.predict_file"):
+        _dm(corpus, predict_file=str(tmp_path / "missing.de")).prepare_data()
 
 
 def test_beam_search_produces_text(corpus: Path) -> None:
@@ -221,7 +265,7 @@ class Report(pl.Callback):
 
 pl.seed_everything(0)
 dm = WMTDataModule(data_dir=str(corpus), vocab_size=48, max_tokens=96, max_seq_len=24, num_workers=1)
-model = TranslationModule(arch="tiny", vocab_size=dm.num_tokens, dropout_p=0.0, beam_size=2,
+model = TranslationModule(arch="tiny", num_tokens=dm.num_tokens, dropout_p=0.0, beam_size=2,
                           optimizer=lambda p: StepAdamW(p, lr=3e-3))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
