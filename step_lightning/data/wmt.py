@@ -56,6 +56,30 @@ def check_parallel_dir(data_dir: str | Path, src_lang: str, tgt_lang: str,
     return {split: files[split] for split in splits}
 
 
+def count_lines(path: Path) -> int:
+    """Lines of a text file (a last line without a newline counts), read in 1 MiB blocks."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def check_aligned(files: dict[str, tuple[Path, Path]]) -> None:
+    """Each split's source and target files have as many lines (one sentence per line, aligned by line).
+
+    Raises:
+        ValueError: a pair of different lengths, with both counts.
+    """
+    for src, tgt in files.values():
+        counts = count_lines(src), count_lines(tgt)
+        if counts[0] != counts[1]:
+            raise ValueError(f"WMT: {src} has {counts[0]:,} lines but {tgt} has {counts[1]:,}: parallel files hold "
+                             "one sentence per line and must align line by line (is a file truncated, or does a "
+                             "sentence contain a line break?).")
+
+
 def hub_pair(src_lang: str, tgt_lang: str) -> str:
     """The config name of a pair in the Hub's ``wmt/wmt14``, ``wmt/wmt17``, ... datasets (English last: ``de-en``)."""
     return f"{tgt_lang}-{src_lang}" if src_lang == "en" else f"{src_lang}-{tgt_lang}"
@@ -365,6 +389,8 @@ class WMTDataModule(pl.LightningDataModule):
         if self.data_dir is None:
             download_wmt(self.dataset, self.src_lang, self.tgt_lang, self._root())
         files = check_parallel_dir(self._root(), self.src_lang, self.tgt_lang)
+        test = parallel_files(self._root(), self.src_lang, self.tgt_lang)["test"]
+        check_aligned({**files, **({"test": test} if all(p.is_file() for p in test) else {})})
         target = self.spm_path()
         if target.is_file():
             return

@@ -116,6 +116,10 @@ def test_errors_name_the_flags(tmp_path: Path, corpus: Path) -> None:
         WMTDataModule(data_dir=str(corpus), max_tokens=16, max_seq_len=32)
     with pytest.raises(FileNotFoundError, match=r"lacks \['train.fr'"):
         WMTDataModule(src_lang="fr", tgt_lang="en", data_dir=str(corpus)).prepare_data()
+    misaligned = make_parallel(tmp_path / "misaligned", n_train=40, n_eval=4)
+    (misaligned / "valid.en").write_text("ONE\nTWO\nTHREE\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"valid\.de has 4 lines but .*valid\.en has 3"):
+        WMTDataModule(data_dir=str(misaligned), vocab_size=40).prepare_data()
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         WMTDataModule(data_dir=str(tmp_path / "nowhere")).prepare_data()
     with pytest.raises(ValueError, match=r"--data\.vocab_size`=5000"):
