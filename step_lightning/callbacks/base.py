@@ -22,6 +22,7 @@ ranks agree (:func:`mask_fingerprint`, :func:`describe_rank_mismatch`).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -57,7 +58,7 @@ def resolve_step(value: int | float, total: int | float, arg: str, allow_zero: b
         if not 0.0 < value < 1.0:
             raise ValueError(f"`{arg}`={value!r} as a float is a fraction of the run's optimizer steps and must "
                              "be in (0, 1); pass an int for an absolute step.")
-        if total == float("inf"):
+        if not math.isfinite(total) or total < 1:  # Lightning says -1 for a loader without a length
             raise ValueError(f"`{arg}`={value!r} is a fraction of the run, but the run has no finite length: set "
                              "`trainer.max_steps` or `trainer.max_epochs`, or pass an int step.")
         return max(1, round(value * total))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,20 +15,21 @@ def configure_optimization(module: pl.LightningModule, params: Iterable[Any],
     """Build the optimizer from ``params`` and, if given, a scheduler stepped every optimizer step.
 
     A scheduler with ``total_steps=None`` (e.g. :class:`~step_lightning.optim.WarmupDecayLR`) gets the run's
-    optimizer steps from ``trainer.estimated_stepping_batches``, so its length follows the trainer's.
+    optimizer steps from ``trainer.estimated_stepping_batches`` at its first step, so its length follows the
+    trainer's (asking here, in ``configure_optimizers``, would make Lightning build the training loader before
+    restoring a checkpoint and lose the loader's mid-epoch position).
     """
     opt = optimizer(params)
     if lr_scheduler is None:
         return opt
     scheduler = lr_scheduler(opt)
     if getattr(scheduler, "needs_total_steps", False):
-        total = module.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        trainer = module.trainer
+        if trainer.max_steps == -1 and trainer.max_epochs in (None, -1):
             raise ValueError(f"{type(scheduler).__name__} needs the run's length, but the trainer's is unbounded "
-                             "(`--trainer.max_steps` -1 and `--trainer.max_epochs` -1 or an iterable without a "
-                             "length): set `--trainer.max_steps` or the scheduler's `total_steps`.")
-        scheduler.total_steps = int(total)
-        scheduler.total_from_trainer = True  # kept over the checkpoint's value on resume (see WarmupDecayLR)
+                             "(`--trainer.max_steps` -1 and `--trainer.max_epochs` -1): set `--trainer.max_steps` "
+                             "or the scheduler's `total_steps`.")
+        scheduler.follow_trainer(lambda: trainer.estimated_stepping_batches)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -15,8 +16,8 @@ class WarmupDecayLR(LRScheduler):
     """Linear warm-up from 0, then a decay to ``min_lr_ratio`` of the base learning rate at ``total_steps``.
 
     Stepped once per optimizer step (the models register it with ``interval="step"``). ``total_steps=None``
-    (the default in configs) means "the run's optimizer steps": the LightningModule sets it from
-    ``trainer.estimated_stepping_batches`` before the first step, so the schedule follows
+    (the default in configs) means "the run's optimizer steps": the LightningModule has it taken from
+    ``trainer.estimated_stepping_batches`` at the first step (:meth:`follow_trainer`), so the schedule follows
     ``max_epochs``/``max_steps``/accumulation without being typed twice.
 
     Args:
@@ -76,6 +77,34 @@ class WarmupDecayLR(LRScheduler):
         elif current is not None:
             self.total_from_trainer = True
 
+    def follow_trainer(self, estimate: Callable[[], float]) -> None:
+        """Take ``total_steps`` from ``estimate()`` (``trainer.estimated_stepping_batches``) at the first step.
+
+        Not earlier: asked in ``configure_optimizers``, Lightning builds the training loader before it restores
+        a checkpoint, and the loader's saved position is then never applied (a mid-epoch resume would start
+        the epoch over). By the first step the loader exists and the estimate costs nothing. The first step's
+        learning rate never depends on the length (0 with warm-up, the base rate without).
+        """
+        self._total_estimate: Callable[[], float] | None = estimate
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("_total_estimate", None)  # a closure over the trainer: not part of the schedule's state
+        return state
+
+    def _resolve_total(self) -> None:
+        estimate = self.__dict__.get("_total_estimate")
+        if estimate is None:
+            return
+        self._total_estimate = None
+        total = estimate()
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(f"WarmupDecayLR(warmup={self.warmup!r}, decay={self.decay!r}) needs the run's length, "
+                             f"but the trainer's is unbounded ({total}: `--trainer.max_steps` -1 with an unbounded "
+                             "`--trainer.max_epochs` or a training loader without a length): set "
+                             "`--trainer.max_steps` or the scheduler's `total_steps`.")
+        self.total_steps, self.total_from_trainer = int(total), True
+
     @property
     def needs_total_steps(self) -> bool:
         """True while the length of the run is still unknown and the schedule depends on it."""
@@ -109,5 +138,6 @@ class WarmupDecayLR(LRScheduler):
         if self.last_epoch == 0:  # at construction the run's length may not be known yet
             factor = 0.0 if self.warmup else 1.0
         else:
+            self._resolve_total()
             factor = self.factor(self.last_epoch)
         return [base * factor for base in self.base_lrs]

@@ -301,3 +301,38 @@ def test_ddp_ranks_run_the_same_steps_and_agree_on_bleu(tmp_path: Path, corpus: 
     assert ranks[0]["metrics"]["val/bleu"] == ranks[1]["metrics"]["val/bleu"]
     assert ranks[0]["metrics"]["val/loss"] == pytest.approx(ranks[1]["metrics"]["val/loss"])
     assert "ranks agree" in log.decode()
+
+
+# ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_training_step_makes_no_host_sync(corpus: Path) -> None:
+    dm = _dm(corpus)
+    dm.setup("fit")
+    model = _model(dm).cuda()
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in next(iter(dm.train_dataloader())).items()}
+
+    def step() -> None:
+        logits, targets = model(batch)
+        (model.loss(logits, targets, 0.1) / model.num_target_tokens(batch)).backward()
+
+    step()  # lazy initialisation outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_fit_under_step(tmp_path: Path, corpus: Path) -> None:
+    dm = _dm(corpus)
+    model = _model(dm, bleu_max_batches=1)
+    callback, seen = STEPCallback(switch=2), ValidationWeights()
+    trainer = tiny_trainer(tmp_path, [callback, seen], accelerator="cuda", precision="bf16-mixed", max_steps=4,
+                           val_check_interval=4, limit_val_batches=2, check_val_every_n_epoch=None,
+                           deterministic=False)
+    trainer.fit(model, dm)
+    assert callback.switch_step == 2 and torch.isfinite(trainer.callback_metrics["val/bleu"])
+    for target in callback.targets:
+        check_nm_sparse(seen.weights[target.name], 2, 4, target.layout, name=target.name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,3 +70,39 @@ def test_a_longer_resumed_run_stretches_a_length_taken_from_the_trainer() -> Non
     fixed = WarmupDecayLR(_optimizer(), decay="linear", total_steps=30)
     fixed.load_state_dict(first.state_dict())  # a length given in the config is the checkpoint's
     assert fixed.total_steps == 10
+
+
+def test_following_the_trainer_keeps_a_mid_epoch_resume_exact(tmp_path: Path) -> None:
+    """The length is read at the first step: read in configure_optimizers, it made Lightning build the loader
+    before restoring the checkpoint, and the resumed run started the epoch over (the first version did)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from step_lightning.data import DigitsDataModule
+    from step_lightning.models import ImageClassifier
+    from tests.conftest import tiny_trainer
+
+    class Seen(pl.Callback):
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, float]] = []
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            self.batches.append((trainer.global_step, float(batch[0].sum())))
+
+    def run(out: Path, ckpt: str | None) -> tuple[list[tuple[int, float]], list[float]]:
+        pl.seed_everything(0)
+        model = ImageClassifier("small_cnn", num_classes=10, in_channels=1, image_size=8,
+                                lr_scheduler=lambda o: WarmupDecayLR(o, warmup=0.1, decay="cosine"))
+        seen, saver = Seen(), ModelCheckpoint(dirpath=out, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+        trainer = tiny_trainer(out, [seen, saver], max_epochs=2, max_steps=-1, limit_val_batches=0,
+                               enable_checkpointing=True)
+        trainer.fit(model, DigitsDataModule(batch_size=128), ckpt_path=ckpt)
+        return seen.batches, [float(p.detach().sum()) for p in model.parameters()]
+
+    full, weights = run(tmp_path / "a", None)
+    resumed, resumed_weights = run(tmp_path / "b", str(tmp_path / "a" / "step=5.ckpt"))
+    assert len(full) > 12 and resumed == full[5:]  # step 5 is mid-epoch 0
+    assert resumed_weights == weights
+    state = torch.load(tmp_path / "a" / "step=5.ckpt", weights_only=False)["lr_schedulers"][0]
+    assert "_total_estimate" not in state and state["total_steps"] == len(full)
