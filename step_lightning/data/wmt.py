@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from step_lightning._fairseq2 import import_fairseq2
 from step_lightning.data.loading import global_seed
@@ -97,7 +97,7 @@ def download_wmt(dataset: str, src_lang: str, tgt_lang: str, out_dir: str | Path
     from datasets import load_dataset
 
     out = Path(out_dir)
-    if all(p.is_file() for pair in parallel_files(out, src_lang, tgt_lang).values() for p in pair):
+    if _complete(out, src_lang, tgt_lang):
         return out
     name, pair = f"wmt/{dataset}", hub_pair(src_lang, tgt_lang)
     try:
@@ -118,21 +118,35 @@ def download_wmt(dataset: str, src_lang: str, tgt_lang: str, out_dir: str | Path
                     pair_text = row["translation"]
                     fs.write(" ".join(pair_text[src_lang].split()) + "\n")
                     ft.write(" ".join(pair_text[tgt_lang].split()) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
+        # The whole folder is renamed into place (over an empty one too), so readers (other nodes on a shared
+        # filesystem) see all files or none; a node that loses the race keeps the winner's identical files.
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _complete(out, src_lang, tgt_lang):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rank_zero_info(f"WMTDataModule: wrote {name} ({pair}) as text files under {out}")
     return out
 
 
-def _file_key(paths: list[Path]) -> str:
-    parts = []
+def _complete(folder: Path, src_lang: str, tgt_lang: str) -> bool:
+    return all(p.is_file() for pair in parallel_files(folder, src_lang, tgt_lang).values() for p in pair)
+
+
+def _file_key(paths: list[Path], sample: int = 1 << 20) -> str:
+    """A key of the files' contents: sizes and the SHA-256 of their first and last MiB. Not their paths or times,
+    so a copy of the corpus elsewhere (another node's disk, another mount point) finds the same model."""
+    digest = hashlib.sha256()
     for path in paths:
-        stat = path.stat()
-        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return "|".join(parts)
+        size = path.stat().st_size
+        digest.update(f"{size}\n".encode())
+        with open(path, "rb") as file:
+            digest.update(file.read(sample))
+            file.seek(max(size - sample, 0))
+            digest.update(file.read(sample))
+    return digest.hexdigest()
 
 
 def train_sentencepiece(inputs: list[Path], model_path: Path, vocab_size: int, max_sentences: int = 10_000_000,
@@ -163,11 +177,16 @@ def train_sentencepiece(inputs: list[Path], model_path: Path, vocab_size: int, m
 class _EvalBatches:
     """Re-iterable view of an evaluation pipeline, rebuilt for each pass (no ``state_dict``: never resumed)."""
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[], Any], report: Callable[[], None] | None = None) -> None:
         self.build = build
+        self.report = report
+        self._reported = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield from self.build()
+        if self.report is not None and not self._reported:  # once: every pass reads the same sentences
+            self._reported = True
+            self.report()
 
 
 class _Batches:
@@ -189,9 +208,10 @@ class _Batches:
     LOOKAHEAD = 1
 
     def __init__(self, build: Callable[[int], Any], first_epoch: int = 0,
-                 batches_done: Callable[[], int] | None = None) -> None:
+                 batches_done: Callable[[], int] | None = None, report: Callable[[int], None] | None = None) -> None:
         self.build = build
         self.batches_done = batches_done
+        self.report = report
         self._epoch = first_epoch - 1  # the epoch of the current (or last) pass
         self._yielded = 0  # batches of that epoch handed out, skipped ones included
         self._skip = 0
@@ -215,6 +235,8 @@ class _Batches:
                     continue
                 self._yielded = index + 1
                 yield batch
+            if self.report is not None and skip == 0:
+                self.report(epoch)
         self._exhausted = True
 
     def state_dict(self) -> dict[str, int]:
@@ -419,6 +441,15 @@ class WMTDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Nodes that do not share `spm_dir` each train their own model in prepare_data: the ranks must agree.
+            digest = hashlib.sha256(self.spm_path().read_bytes()).hexdigest()
+            same = trainer.strategy.broadcast(digest) == digest
+            if not trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise RuntimeError(f"WMTDataModule: the ranks loaded different SentencePiece models (this rank: "
+                                   f"{self.spm_path()}, sha256 {digest[:16]}): nodes trained their own. Put "
+                                   "`--data.spm_dir` on a filesystem every node shares, or copy one model to each.")
 
     # ---- pipelines ----------------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -438,10 +469,14 @@ class WMTDataModule(pl.LightningDataModule):
             sizes = [(min(size, self.batch_size), length) for size, length in sizes]
         return sizes
 
-    def build_pipeline(self, split: str, train: bool, epoch: int = 0, rank: int = 0, world_size: int = 1) -> Any:
+    def build_pipeline(self, split: str, train: bool, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                       seed: int | None = None, stats: dict[str, int] | None = None) -> Any:
         """The fairseq2 pipeline of ``split``'s batches for process ``rank`` of ``world_size`` (see the class doc).
 
         ``split`` is ``train``, ``valid``, ``test`` or ``predict`` (``predict_file``, source side only).
+        ``seed``: the shuffling seed (default: ``seed`` or the run's). ``stats``, if given, counts the pairs
+        read (``read``), dropped by the length filter (``dropped``) and truncated (``truncated``) as the
+        pipeline runs.
         """
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
@@ -458,49 +493,93 @@ class WMTDataModule(pl.LightningDataModule):
                     "target": self.tokenizer.create_encoder(task="translation", lang=self.tgt_lang, mode="target")}
         sides = ("source", "target")[: len(paths)]
         max_len = self.max_seq_len
+        # An empty line encodes to its special tokens only: ``__src__ </s>``, ``</s> __tgt__ </s>``.
+        empty = {side: len(enc.prefix_indices) + len(enc.suffix_indices) for side, enc in encoders.items()}
+        counts = stats if stats is not None else {}
+        for key in ("read", "dropped", "truncated"):
+            counts.setdefault(key, 0)
 
         def read(path: Path) -> Any:
             return text.read_text(path, rtrim=True, ltrim=True, memory_map=True).and_return()
 
         def encode(example: dict[str, Any]) -> dict[str, Any]:
+            counts["read"] += 1
             for side in sides:
                 ids = encoders[side](example[f"{side}_text"])
-                # evaluation keeps every sentence (each is scored), truncated to the model's reach
-                example[side] = ids if train else ids[:max_len]
+                if not train and len(ids) > max_len:  # evaluation scores every sentence: cut, keeping </s>
+                    ids = torch.cat([ids[: max_len - 1], ids[-1:]])
+                    counts["truncated"] += 1
+                example[side] = ids
             return example
+
+        def keep(example: dict[str, Any]) -> bool:
+            if all(empty[side] < len(example[side]) <= max_len for side in sides):
+                return True
+            counts["dropped"] += 1
+            return False
 
         pipelines, names = [read(path) for path in paths], [f"{side}_text" for side in sides]
         if not train:  # line numbers: predictions are written back in file order
             pipelines, names = [dp.DataPipeline.count().and_return(), *pipelines], ["index", *names]
         builder = dp.DataPipeline.zip(pipelines, names=names)
-        seed = global_seed(self.seed)
+        seed = global_seed(self.seed) if seed is None else seed
+        if not train and world_size > 1:  # evaluation: every rank reads and scores its share of the lines
+            builder = builder.shard(rank, world_size, allow_uneven=True)
         if train:
             builder = builder.shuffle(self.shuffle_window, seed=seed + epoch)
         builder = builder.map(encode, num_parallel_calls=max(self.num_workers, 1))
         if train:
-            builder = builder.filter(lambda ex: 0 < len(ex["source"]) <= max_len and 0 < len(ex["target"]) <= max_len)
+            builder = builder.filter(keep)
         builder = builder.bucket_by_length(self.bucket_sizes(train), selector=",".join(sides),
                                            skip_above_max_examples=train)
         if train:
             builder = builder.shuffle(1000, seed=seed + epoch)
-        # Batches, not lines, are sharded: every rank builds the same batches (same seed), so each gets the same
-        # count (the remainder dropped) and DDP never waits on a rank that ran out.
-        if world_size > 1:
-            builder = builder.shard(rank, world_size, allow_uneven=not train)
+        # Training shards batches, not lines: every rank builds the same batches (same seed), so each gets the
+        # same count (the remainder dropped) and DDP never waits on a rank that ran out.
+        if train and world_size > 1:
+            builder = builder.shard(rank, world_size)
         builder = builder.map(dp.Collater(pad_value=self.pad_idx)).map(_flatten)
         return builder.prefetch(4).and_return()
 
     def train_dataloader(self) -> Any:
         rank, world = self._rank_world()
-        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
         trainer = self.trainer
+        seed = global_seed(self.seed)
+        if trainer is not None and world > 1:  # `seed_everything: true` under torchrun draws one seed per rank
+            seed = trainer.strategy.broadcast(seed)
+        # Epochs finished so far (read now, before Lightning's loop counts the one starting).
+        first_epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
         batches_done = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None
-        return _Batches(lambda epoch: self.build_pipeline("train", True, epoch, rank, world), first_epoch,
-                        batches_done)
+        stats: dict[str, int] = {}
+
+        def build(epoch: int) -> Any:
+            stats.clear()
+            return self.build_pipeline("train", True, epoch, rank, world, seed, stats)
+
+        def report(epoch: int) -> None:
+            if stats.get("dropped"):
+                rank_zero_info(f"WMTDataModule: epoch {epoch} left out {stats['dropped']:,} of {stats['read']:,} "
+                               f"training pairs (a side empty or longer than `--data.max_seq_len`={self.max_seq_len} "
+                               "tokens).")
+
+        return _Batches(build, first_epoch, batches_done, report)
 
     def _eval_loader(self, split: str) -> Any:
         rank, world = self._rank_world()
-        return _EvalBatches(lambda: self.build_pipeline(split, False, 0, rank, world))
+        if world > 1:
+            source = Path(self.predict_file) if split == "predict" and self.predict_file else \
+                parallel_files(self._root(), self.src_lang, self.tgt_lang)[split][0]
+            if source.is_file() and (lines := count_lines(source)) < world:
+                raise ValueError(f"WMT: {source} has {lines} lines for {world} processes; every process needs one "
+                                 "(DDP synchronises on each process's first batch). Evaluate on fewer devices.")
+        stats: dict[str, int] = {}
+
+        def report() -> None:
+            if stats.get("truncated"):
+                rank_zero_warn(f"WMTDataModule: {stats['truncated']} {split} sentences on this rank were longer "
+                               f"than `--data.max_seq_len`={self.max_seq_len} tokens and were cut to it.")
+
+        return _EvalBatches(lambda: self.build_pipeline(split, False, 0, rank, world, stats=stats), report)
 
     def val_dataloader(self) -> Any:
         return self._eval_loader("valid")

@@ -17,6 +17,8 @@ from step_lightning.files import write_atomically
 from step_lightning.models.optimization import configure_optimization, parameter_groups
 
 Arch = Literal["tiny", "base", "big"]
+# Targets start with the decoder's prompt ``</s> __<tgt_lang>__`` (fairseq2's NLLB tokenizer, target mode).
+TARGET_PROMPT = 2
 
 # Vaswani et al. (2017) Transformer base and big; "tiny" is for tests and smoke runs.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -166,9 +168,12 @@ class TranslationModule(pl.LightningModule):
     # ---- model --------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, targets)``: next-token logits ``(batch, time, vocab)`` of the target with its last token cut,
-        and the targets (the target shifted left, ``pad_idx`` where padded)."""
+        and the targets: the target shifted left, ``pad_idx`` where padded and on the prompt's language symbol,
+        which decoding is given, never asked to predict (the loss covers the sentence and its ``</s>``)."""
         src, tgt = batch["source"], batch["target"]
-        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+        tgt_in = tgt[:, :-1]
+        tgt_out = tgt[:, 1:].clone()
+        tgt_out[:, : TARGET_PROMPT - 1] = self.pad_idx
         # The longest target loses its last token (</s>) as input; shorter ones lose a pad. Padded positions of
         # the shifted targets are already pad_idx. Lengths are host ints: no device sync for the layouts.
         in_lens = [n - 1 for n in batch["target_lens"]]
@@ -182,8 +187,8 @@ class TranslationModule(pl.LightningModule):
 
     @staticmethod
     def num_target_tokens(batch: dict[str, Any]) -> int:
-        """Predicted target tokens of a batch (every target token but the first), from the host lengths."""
-        return sum(batch["target_lens"]) - len(batch["target_lens"])
+        """Predicted target tokens of a batch (every target token but the prompt), from the host lengths."""
+        return sum(batch["target_lens"]) - TARGET_PROMPT * len(batch["target_lens"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits, targets = self(batch)
@@ -303,11 +308,11 @@ class TranslationModule(pl.LightningModule):
     def on_predict_epoch_end(self) -> None:
         lines = dict(pair for part in self._all_ranks(self._predictions) for pair in part)
         self._predictions = []
+        path = self.predictions_path()  # on every rank: `trainer.log_dir` is a collective
         if not self.trainer.is_global_zero:
             return
         # Lines the loader did not reach (`limit_predict_batches`) are left empty, so line i is always input line i.
         text = "".join(lines.get(i, "") + "\n" for i in range(max(lines, default=-1) + 1))
-        path = self.predictions_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         data = text.encode("utf-8")
         write_atomically(path, lambda file: file.write(data))

@@ -71,6 +71,36 @@ def test_batches_hold_padded_ids_within_the_token_budget(corpus: Path) -> None:
     assert all(text.isupper() for b in val for text in b["target_text"])
 
 
+def test_empty_and_overlong_pairs_are_left_out_and_counted_and_eval_keeps_the_end(tmp_path: Path,
+                                                                                  corpus: Path) -> None:
+    root = make_parallel(tmp_path / "noisy", n_train=60, n_eval=4)
+    long = " ".join(["w1 w2 w3"] * 20)
+    for suffix, extra in (("de", ["", "w1 w2", long]), ("en", ["W1", "", long.upper()])):
+        with open(root / f"train.{suffix}", "a", encoding="utf-8") as file:
+            file.write("\n".join(extra) + "\n")
+        with open(root / f"valid.{suffix}", "a", encoding="utf-8") as file:
+            file.write((long if suffix == "de" else long.upper()) + "\n")
+    dm = _dm(root, vocab_size=32, max_tokens=96)
+    stats: dict[str, int] = {}
+    kept = sum(len(b["target_text"]) for b in dm.build_pipeline("train", True, 0, stats=stats))
+    assert kept == 60 and stats["read"] == 63 and stats["dropped"] == 3
+    val = next(b for b in dm.val_dataloader() if long.upper() in b["target_text"])
+    row = val["target_text"].index(long.upper())
+    assert val["source_lens"][row] == 24 and int(val["source"][row, 23]) == dm.tokenizer.vocab_info.eos_idx
+
+
+def test_a_copy_of_the_corpus_elsewhere_finds_the_same_sentencepiece_model(tmp_path: Path, corpus: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy, ignore=shutil.ignore_patterns("spm"))
+    original = _dm(corpus).spm_path()
+    moved = WMTDataModule(data_dir=str(copy), vocab_size=48, spm_dir=str(corpus / "spm"))
+    assert moved.spm_path() == original  # keyed by content, not by path or modification time
+    (copy / "train.en").write_text("CHANGED\n" * 300, encoding="utf-8")
+    assert moved.spm_path() != original
+
+
 def test_batch_size_caps_the_sentences_per_batch(corpus: Path) -> None:
     uncapped = max(len(b["target_text"]) for b in _dm(corpus).build_pipeline("train", True, 0))
     capped = list(_dm(corpus, batch_size=5).build_pipeline("train", True, 0))
