@@ -9,8 +9,16 @@ What is measured (CPU, ``torch.set_num_threads(2)`` unless ``--threads`` says ot
    * ``bert4`` / ``bert_base``: a 4- / 12-layer BERT encoder (hidden 768, 12 heads, FFN 3072, vocab 30522) in
      ``BertForSequenceClassification`` built from the config (random weights, nothing downloaded),
      batch 16 of 128 random token ids;
+   * ``transformer_base`` (opt-in: ``--models transformer_base``): the package's own
+     ``TranslationModule(arch="base", num_tokens=32006, dropout_p=0.1)``, fairseq2's encoder-decoder
+     Transformer in Vaswani et al.'s base shape (512 dims, 6+6 layers, 8 heads, FFN 2048; 60 M parameters with
+     the tied 32006-token embedding), trained with its own label-smoothed loss on one fixed batch of 128
+     sentence pairs padded to 32 tokens per side (4,096 padded tokens: the WMT configs' ``max_tokens``; random
+     ids, lengths 16-32, padding 0, as a ``WMTDataModule`` batch); only ``configure_optimizers`` is replaced,
+     by the recipe's optimizer below;
 
-   under six recipes: dense ``torch.optim.AdamW(foreach=True)`` (the baseline); dense ``StepAdamW``
+   under six recipes (every optimizer with lr 1e-3 and weight decay 1e-2 on all parameters): dense
+   ``torch.optim.AdamW(foreach=True)`` (the baseline); dense ``StepAdamW``
    (no watch, before any freeze); the STEP precondition phase (``StepAdamW`` + ``STEPCallback(switch=
    "auto")``, so the optimizer computes the AutoSwitch statistic every step; ``autoswitch_t_max`` is set
    far beyond the run so it never switches); the STEP mask-learning phase (``STEPCallback(switch=1)``:
@@ -34,12 +42,15 @@ What is measured (CPU, ``torch.set_num_threads(2)`` unless ``--threads`` says ot
      with random gradients: before any freeze, with ``watch()`` on every >=2-D weight (the AutoSwitch
      statistic), and after freezing the second moment of every >=2-D weight.
 
-Run (the default, 2 rounds x 2 timed steps, takes about 9-10 minutes on an idle 2-core CPU, where a ResNet-18
-step takes about 3.7 s and a BERT step about 6.4 s; other processes on the cores slow it down)::
+Run (on an idle 2-core CPU a step takes about 3.7 s for ResNet-18, 6.4 s for BERT-4, 19 s for BERT-base and 7 s
+for the Transformer base; the default, ``resnet18,bert4,bert_base`` at 2 rounds x 2 timed steps plus the
+micro-benchmarks, takes about 25 minutes; ``transformer_base`` alone, 2 rounds x 2 steps after 1 warm-up, about
+6 minutes. Other processes on the cores slow it down, by 4x when they take a whole core)::
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --quick                  # smoke run: small batches, one round
     python benchmarks/overhead.py --models resnet18 --rounds 4 --steps 3 --skip-micro
+    python benchmarks/overhead.py --models transformer_base --rounds 2 --steps 2 --warmup 1 --skip-micro
 
 The output is Markdown (a header line, then tables) on stdout; one progress line per fit goes to stderr.
 """
@@ -49,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import logging
 import os
 import shlex
@@ -68,6 +80,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, nm_mask
+from step_lightning.models import TranslationModule
 
 RECIPES: tuple[str, ...] = ("adamw", "step_adamw", "step_precondition", "step_mask_learning", "srste", "asp")
 RECIPE_LABELS: dict[str, str] = {
@@ -78,9 +91,11 @@ RECIPE_LABELS: dict[str, str] = {
     "srste": "SR-STE (AdamW)",
     "asp": "ASP (prune_at=0, AdamW)",
 }
-MODELS: tuple[str, ...] = ("resnet18", "bert4", "bert_base")
+MODELS: tuple[str, ...] = ("resnet18", "bert4", "bert_base", "transformer_base")
+DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "bert4", "bert_base")  # transformer_base is opt-in (long steps)
 N, M = 2, 4
 LR = 1e-3
+TRANSLATION_VOCAB = 32006  # a 32000-piece SentencePiece model + the NLLB tokenizer's 6 symbols
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,34 +120,69 @@ def bert(layers: int) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-class RepeatedBatch(Dataset[tuple[Tensor, Tensor]]):
-    """``length`` copies of one pre-built batch (use with ``batch_size=None``): no collation cost."""
+def transformer_base() -> nn.Module:
+    """The package's ``TranslationModule`` (fairseq2 Transformer base, vocab 32006), optimizer set per recipe."""
+    return BenchTranslationModule(arch="base", num_tokens=TRANSLATION_VOCAB, dropout_p=0.1)
 
-    def __init__(self, batch: tuple[Tensor, Tensor], length: int) -> None:
+
+def translation_batch(sentences: int, width: int, seed: int = 0) -> dict[str, Any]:
+    """A ``WMTDataModule``-style batch of random sentence pairs, each side padded (with 0) to ``width`` tokens.
+
+    Lengths are drawn from ``[width // 2, width]`` per side, with the first pair at full width (the collater
+    pads to the longest sentence); ids are in ``[4, TRANSLATION_VOCAB)`` (above the special tokens).
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch: dict[str, Any] = {}
+    for side in ("source", "target"):
+        lens = torch.randint(width // 2, width + 1, (sentences,), generator=g)
+        lens[0] = width
+        ids = torch.randint(4, TRANSLATION_VOCAB, (sentences, width), generator=g)
+        ids[torch.arange(width) >= lens[:, None]] = 0
+        batch[side], batch[f"{side}_lens"], batch[f"{side}_text"] = ids, lens.tolist(), [""] * sentences
+    return batch
+
+
+Batch = Any  # a (inputs, labels) pair of tensors, or a translation batch dict
+
+
+class RepeatedBatch(Dataset[Batch]):
+    """``length`` copies of one pre-built batch (use with ``batch_size=None``): no collation cost.
+
+    ``DataLoader(batch_size=None)`` passes each item through ``default_convert``, which keeps tensors as they are
+    and Python lists (a translation batch's lengths and texts) as lists.
+    """
+
+    def __init__(self, batch: Batch, length: int) -> None:
         self.batch = batch
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         return self.batch
 
 
 @dataclass
 class Workload:
-    """A model family at a given batch shape; ``make_batch`` is called once per fit (same seed)."""
+    """A model family at a given batch shape; ``make_batch`` is called once per fit (same seed).
+
+    ``build`` returns a plain model (wrapped in :class:`BenchModule`) or a LightningModule that mixes in
+    :class:`RecipeOptimizer` (used as it is; ``is_text`` is then unused).
+    """
 
     name: str
     label: str
     build: Callable[[], nn.Module]
-    make_batch: Callable[[], tuple[Tensor, Tensor]]
+    make_batch: Callable[[], Batch]
     is_text: bool
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
     img_batch = 16 if quick else 64
     txt_batch, seq = (4, 32) if quick else (16, 128)
+    mt_batch, mt_width = (4, 8) if quick else (128, 32)  # 4,096 padded tokens per side: the configs' max_tokens
+    mt_tokens = sum(translation_batch(mt_batch, mt_width)["target_lens"])
 
     def images() -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(0)
@@ -149,13 +199,29 @@ def workloads(quick: bool) -> dict[str, Workload]:
                           lambda: bert(4), tokens, is_text=True),
         "bert_base": Workload("bert_base", f"BERT-base, 12 layers (768/12/3072), batch {txt_batch}, seq {seq}",
                               lambda: bert(12), tokens, is_text=True),
+        "transformer_base": Workload(
+            "transformer_base", f"Transformer base (fairseq2, 512/6+6/8/2048, vocab {TRANSLATION_VOCAB}), batch "
+            f"{mt_batch} pairs x {mt_width} tokens per side ({mt_tokens} real target tokens)",
+            transformer_base, lambda: translation_batch(mt_batch, mt_width), is_text=True),
     }
 
 
 # --------------------------------------------------------------------------------------------------
 # Lightning pieces
 # --------------------------------------------------------------------------------------------------
-class BenchModule(pl.LightningModule):
+class RecipeOptimizer:
+    """Mixin for a LightningModule: ``configure_optimizers`` builds the optimizer named by ``optimizer_name``."""
+
+    optimizer_name = "adamw"
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters()  # type: ignore[attr-defined]
+        if self.optimizer_name == "step_adamw":
+            return StepAdamW(params, lr=LR, weight_decay=1e-2)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=1e-2, foreach=True)
+
+
+class BenchModule(RecipeOptimizer, pl.LightningModule):
     """Wraps an image classifier or a Hugging Face sequence classifier; cross-entropy loss."""
 
     def __init__(self, model: nn.Module, is_text: bool, optimizer: str) -> None:
@@ -173,10 +239,9 @@ class BenchModule(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "step_adamw":
-            return StepAdamW(self.parameters(), lr=LR, weight_decay=1e-2)
-        return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=1e-2, foreach=True)
+
+class BenchTranslationModule(RecipeOptimizer, TranslationModule):
+    """``TranslationModule`` as shipped (model, loss, training step), with the recipe's optimizer."""
 
 
 class StepTimer(Callback):
@@ -223,10 +288,15 @@ def recipe_setup(recipe: str) -> tuple[str, list[Callback]]:
 
 def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: int, warmup: int) -> list[float]:
     """Fit a fresh copy of the model for ``warmup + steps`` optimizer steps; return the timed step times."""
+    gc.collect()  # free the previous fit's model and optimizer state (Trainer <-> module reference cycles)
     model = work.build()
     model.load_state_dict(init_state)
     optimizer, recipe_callbacks = recipe_setup(recipe)
-    module = BenchModule(model, work.is_text, optimizer)
+    if isinstance(model, RecipeOptimizer):
+        module = model
+        module.optimizer_name = optimizer
+    else:
+        module = BenchModule(model, work.is_text, optimizer)
     timer = StepTimer()
     total = warmup + steps
     trainer = pl.Trainer(
@@ -407,7 +477,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; --quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (default 2; --quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="discarded steps per fit (default 2; --quick 1)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)} (default {','.join(DEFAULT_MODELS)}; "
+                             "transformer_base is opt-in)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
     parser.add_argument("--mask-repeats", type=int, default=None, help="nm_mask repeats (default 15; --quick 3)")
     parser.add_argument("--opt-repeats", type=int, default=None, help="optimizer-step repeats (default 20; --quick 3)")
@@ -437,7 +509,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def quiet() -> None:
     """Only the tables on stdout: silence Lightning's info messages and the usual warnings."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning",
-                 "step_lightning", "transformers"):
+                 "step_lightning", "transformers", "fairseq2"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 

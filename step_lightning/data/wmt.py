@@ -25,6 +25,9 @@ SPLITS = ("train", "valid", "test")
 # Symbols that fairseq2's NLLB tokenizer adds to the SentencePiece vocabulary besides one `__lang__` per
 # language: <MINED_DATA>, <MMT_BT_DATA>, <SMT_BT_DATA> and <pad> (inserted at index 0).
 _NLLB_EXTRA_SYMBOLS = 4
+# Batches held by the shuffle after bucketing. The pipeline yields its first batch once this many are made: 1,000
+# (of ~1,000 per epoch of a 150k-pair corpus) delayed it by 28 s of a 33 s pass (benchmarks/RESULTS.md).
+BATCH_SHUFFLE_WINDOW = 100
 # Bumped whenever the SentencePiece training options change, so old models are not reused.
 SPM_FORMAT = 1
 
@@ -264,14 +267,16 @@ class WMTDataModule(pl.LightningDataModule):
     sentences as ``</s> __tgt__ ...  </s>`` (the decoder's prompt is the first two).
 
     Batching uses the fairseq2 data pipeline (C++, ``num_workers`` tokenising threads, batches prefetched in the
-    background): pairs longer than ``max_seq_len`` tokens on either side are dropped; the rest are shuffled
-    (window ``shuffle_window``, seeded by ``seed`` and the epoch), grouped by length into batches of at most
-    ``max_tokens`` tokens (padding included) and ``batch_size`` sentences, collated with padding and the batches
-    shuffled again. Under DDP every rank builds the same batches and takes every ``world_size``-th (the remainder
-    dropped), so all ranks run the same number of steps. Validation, test and predict batches are neither
-    shuffled nor filtered (sentences over ``max_seq_len`` tokens are truncated) and are split unevenly over the
-    ranks (each sentence is scored once). An epoch has no length known in advance: set ``max_steps`` (the
-    Transformer recipes count updates) and validate every ``val_check_interval`` steps.
+    background): pairs with an empty side or longer than ``max_seq_len`` tokens on either side are left out
+    (counted in a log line after the epoch); the rest are shuffled (window ``shuffle_window``, seeded by ``seed``
+    and the epoch, the same on every rank), grouped by length into batches of at most ``max_tokens`` tokens
+    (padding included) and ``batch_size`` sentences, collated with padding and the batches shuffled again (a
+    window of 100 batches). Under DDP every rank builds the same batches and takes every ``world_size``-th (the
+    remainder dropped), so all ranks run the same number of steps. Validation, test and predict lines are split
+    over the ranks before tokenising (each sentence is scored once; every rank needs one), neither shuffled nor
+    filtered; a sentence over ``max_seq_len`` tokens is cut to it, keeping its ``</s>`` (with a warning).
+    An epoch has no length known in advance: set ``max_steps`` (the Transformer recipes count updates) and
+    validate every ``val_check_interval`` steps.
 
     A batch is a dict: ``source``/``target`` ``(batch, time)`` int64 token ids padded with 0,
     ``source_lens``/``target_lens`` the lengths as a list of ``int`` (host metadata: the model builds its layouts
@@ -533,7 +538,7 @@ class WMTDataModule(pl.LightningDataModule):
         builder = builder.bucket_by_length(self.bucket_sizes(train), selector=",".join(sides),
                                            skip_above_max_examples=train)
         if train:
-            builder = builder.shuffle(1000, seed=seed + epoch)
+            builder = builder.shuffle(BATCH_SHUFFLE_WINDOW, seed=seed + epoch)
         # Training shards batches, not lines: every rank builds the same batches (same seed), so each gets the
         # same count (the remainder dropped) and DDP never waits on a rank that ran out.
         if train and world_size > 1:
