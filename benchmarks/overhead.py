@@ -514,15 +514,20 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
+def run_header(script: str, argv: Sequence[str] | None, details: str = "") -> str:
+    """The Markdown line that opens a benchmark's output: time, ``details``, torch, threads, command, load."""
+    command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else [script, *argv]))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"## {now} | {details}torch {torch.__version__} | threads {torch.get_num_threads()} | `{command}` | "
+            f"load average at start {load}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["overhead.py", *argv]))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"## {now} | torch {torch.__version__} | threads {torch.get_num_threads()} | `{command}` | "
-          f"load average at start {load}\n")
+    print(run_header("overhead.py", argv))
     sys.stdout.flush()
     t0 = time.perf_counter()
     if not args.skip_training:

@@ -46,10 +46,8 @@ Output: Markdown on stdout (a header line, then tables); progress lines go to st
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -64,7 +62,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from overhead import StepTimer, quiet, round_orders, spread, table
+from overhead import StepTimer, quiet, round_orders, run_header, spread, table
 
 from step_lightning.data import WMTDataModule
 from step_lightning.models import TranslationModule
@@ -255,14 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None
-                                                             else ["translation_pipeline.py", *argv]))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     from importlib.metadata import version
 
-    print(f"## {now} | {cpu_name()}, {os.cpu_count()} cores | torch {torch.__version__} | fairseq2 "
-          f"{version('fairseq2')} | threads {torch.get_num_threads()} | `{command}` | load average at start {load}\n")
+    print(run_header("translation_pipeline.py", argv,
+                     f"{cpu_name()}, {os.cpu_count()} cores | fairseq2 {version('fairseq2')} | "))
     sys.stdout.flush()
     t_start = time.perf_counter()
 
