@@ -10,11 +10,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from step_lightning.data.glue import TASKS, GLUETask
+from step_lightning.models.evaluation import any_updated, updated_on_any_rank
 from step_lightning.models.optimization import configure_optimization, parameter_groups
 
 # The headline number of each task (GLUE's leaderboard convention); `val/score` logs it for every task.
@@ -176,9 +177,7 @@ class SequenceClassifier(pl.LightningModule):
         scores = []
         loss_metric = self.val_loss if stage == "val" else self.test_loss
         groups = self.val_metrics if stage == "val" else self.test_metrics
-        # Under DDP a rank can see no batch of a small dev set (the eval sampler does not repeat examples):
-        # decide from every rank's counts, so all ranks take part in the same metric syncs.
-        seen = self._seen_anywhere([_updated(m.values()) for m in groups] + [_updated([loss_metric])])
+        seen = updated_on_any_rank(self, [any_updated(m.values()) for m in groups] + [any_updated([loss_metric])])
         for suffix, metrics, updated in zip(self.eval_suffixes, groups, seen[:-1], strict=True):
             if not updated:
                 continue
@@ -193,13 +192,6 @@ class SequenceClassifier(pl.LightningModule):
             values[f"{stage}/loss"] = loss_metric.compute()
         loss_metric.reset()
         return values
-
-    def _seen_anywhere(self, local: list[bool]) -> list[bool]:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return local
-        flags = torch.tensor(local, dtype=torch.int32, device=self.device)
-        return [bool(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
 
     def _eval_step(self, stage: str, batch: Mapping[str, torch.Tensor], dataloader_idx: int) -> None:
         self.update_metrics(stage, dataloader_idx, self(batch), batch["labels"])
@@ -229,7 +221,3 @@ class SequenceClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = parameter_groups(self, no_decay=self.weight_decay_exclude)
         return configure_optimization(self, groups, self.optimizer_factory, self.scheduler_factory)
-
-
-def _updated(metrics: Any) -> bool:
-    return any(getattr(metric, "update_count", 0) > 0 for metric in metrics if isinstance(metric, Metric))

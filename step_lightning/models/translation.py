@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from step_lightning._fairseq2 import batch_layout, import_fairseq2, to_torch_modules
 from step_lightning.files import write_atomically
+from step_lightning.models.evaluation import any_updated, updated_on_any_rank
 from step_lightning.models.optimization import configure_optimization, parameter_groups
 
 Arch = Literal["tiny", "base", "big"]
@@ -269,12 +270,7 @@ class TranslationModule(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         loss_metric, nll_metric = (self.val_loss, self.val_nll) if stage == "val" else (self.test_loss, self.test_nll)
-        # Under DDP a rank can get no batch of a small dev set, and torchmetrics' compute is a collective: decide
-        # from every rank's count, so all ranks take part in the same syncs.
-        seen = torch.tensor(float(loss_metric.update_count > 0), device=self.device)
-        if self.trainer.world_size > 1:
-            seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
-        if float(seen) > 0:
+        if updated_on_any_rank(self, [any_updated([loss_metric])])[0]:
             self.log(f"{stage}/loss", loss_metric.compute(), prog_bar=stage == "val", sync_dist=True)
             self.log(f"{stage}/nll", nll_metric.compute(), sync_dist=True)
         loss_metric.reset()
