@@ -1,4 +1,27 @@
-from step_lightning.cli import main
+"""``python -m step_lightning {fit,validate,test,predict,export,compare} ...``: dispatch only.
+
+``compare`` is a tool that launches ``fit`` runs in subprocesses (:mod:`step_lightning.tools.compare`);
+everything else is the training CLI (:mod:`step_lightning.cli`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Entry point of ``python -m step_lightning`` and of the ``step-lightning`` script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["compare"]:
+        from step_lightning.tools.compare import main as compare_main
+
+        raise SystemExit(compare_main(argv[1:]))
+    from step_lightning.cli import main as cli_main
+
+    return cli_main(args)
+
 
 if __name__ == "__main__":
     main()

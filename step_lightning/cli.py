@@ -1,10 +1,20 @@
-"""``python -m step_lightning``: LightningCLI with the quickstart as default, plus ``export``.
+"""``python -m step_lightning``: LightningCLI with a ``recipe`` key and the quickstart as default, plus ``export``.
 
 Subcommands ``fit``, ``validate``, ``test``, ``predict`` are Lightning's (``--config`` stackable,
 ``--print_config``, per-key overrides, ``class_path``/``init_args`` for model, data, optimizer (an
 argument of the model), scheduler and callbacks). Without ``--config`` they run
-``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model;
-``compare --configs A.yaml B.yaml --seeds 0 1`` runs recipe configs and tabulates them.
+``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model.
+
+The N:M recipe is one key, ``recipe``, beside ``model``, ``data`` and ``trainer`` (LightningCLI's forced
+callback, ``add_lightning_class_args(..., subclass_mode=True)``): any subclass of
+:class:`~step_lightning.callbacks.NMSparsityCallback`, or ``null`` (the default) for dense training. A task
+config and a recipe config stack::
+
+    python -m step_lightning fit --config configs/cifar10/resnet18.yaml --config configs/recipes/step_2of4.yaml
+    python -m step_lightning fit --config configs/cifar10/resnet18.yaml --recipe STEPCallback --recipe.m 8
+
+The recipe callback is appended to ``trainer.callbacks``; logs go to ``logs/<task>/<model>/<recipe>/``
+(:func:`step_lightning.naming.run_name`).
 """
 
 from __future__ import annotations
@@ -15,28 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from step_lightning.callbacks import NMSparsityCallback
+from step_lightning.naming import run_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def run_name(config: str | Path) -> str:
-    """The TensorBoard name of a config's runs: its path below a ``configs`` folder, else its file name.
-
-    ``configs/cifar10/resnet18_step_2of4.yaml`` -> ``cifar10/resnet18_step_2of4``, so that same-named
-    configs of different tasks never share a log folder; ``my_run.yaml`` -> ``my_run``.
-    """
-    parts = Path(config).with_suffix("").parts
-    if "configs" in parts[:-1]:
-        below = parts[len(parts) - parts[::-1].index("configs"):]
-        return "/".join(below)
-    return parts[-1]
-
-
 class StepLightningCLI(LightningCLI):
-    """LightningCLI for step_lightning: derived values linked, TensorBoard under ``logs/<run_name(config)>``."""
+    """LightningCLI for step_lightning: a ``recipe`` key, derived values linked, TensorBoard under
+    ``logs/<task>/<model>/<recipe>`` (:func:`~step_lightning.naming.run_name`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -52,6 +54,9 @@ class StepLightningCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The recipe: a forced callback of its own key, so that task configs and recipe configs compose and
+        # `--recipe.init_args.m 8` (or `--recipe.m 8`) edits it. Absent or null: dense training.
+        parser.add_lightning_class_args(NMSparsityCallback, "recipe", subclass_mode=True, required=False)
         # Derived values flow from the data to the model, never typed twice.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -91,13 +96,17 @@ class StepLightningCLI(LightningCLI):
                 "checkpoint was trained with (it is saved as config.yaml next to its logs)."
             ) from None
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
+        # LightningCLI appends the value of every forced-callback key; `recipe: null` (dense) adds none.
+        return super()._instantiate_trainer(config, [cb for cb in callbacks if cb is not None])
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("plugins") is None:  # crash-safe checkpoint files, clear errors for broken ones
             config.trainer.plugins = [{"class_path": "step_lightning.checkpointing.AtomicCheckpointIO"}]
         if config.trainer.get("logger") in (None, True):
             files = config.get("config") or []
-            name = run_name(str(files[0])) if files else "default"
+            name = run_name(str(files[0]) if files else "default", config.get("recipe"))
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "logs", "name": name},
@@ -216,14 +225,10 @@ def _with_default_config(argv: list[str]) -> list[str]:
 
 
 def main(args: Sequence[str] | None = None) -> Any:
-    """Entry point of ``python -m step_lightning`` and the ``step-lightning`` script."""
+    """The training CLI: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI) and ``export``."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    if argv[:1] == ["compare"]:
-        from step_lightning.compare import main as compare_main
-
-        raise SystemExit(compare_main(argv[1:]))
     argv = _with_default_config(argv)
     if args is None:  # from the command line: LightningCLI reads sys.argv itself
         sys.argv[1:] = argv

@@ -1,0 +1,1 @@
+"""Tools around the training library (not imported by it): ``compare`` runs and tabulates recipes."""
