@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds: list[int] = args.seeds if args.seeds is not None else [0]
     specs: list[RunSpec] = []
     runs: list[PlannedRun] = []
-    if not problems:
+    if args.task or args.configs:
         try:
             specs = specs_from_args(args.task, args.recipes, args.configs)
             if not args.report_only:

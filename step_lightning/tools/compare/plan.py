@@ -13,7 +13,7 @@ import yaml
 
 from step_lightning.naming import recipe_name, run_name, task_name
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
+RECIPE_DIR = (Path(__file__).resolve().parents[2] / "configs" / "recipes").resolve()
 _UNSET = object()
 
 
