@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from step_lightning import check_nm_sparse
 from step_lightning.cli import QUICKSTART, StepLightningCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = CONFIGS / "debug.yaml"
+RECIPES = sorted(p.stem for p in (CONFIGS / "recipes").glob("*.yaml"))
+TASKS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "recipes")
 
 
 def test_quickstart_fit_summary_export_and_validate(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -22,9 +25,9 @@ def test_quickstart_fit_summary_export_and_validate(in_tmp: Path, capsys: pytest
     out = capsys.readouterr().out
     fit_acc = float(cli.trainer.callback_metrics["val/acc"])
     assert f"final val/acc: {fit_acc:.4f}" in out
-    assert "switch step: " in out and "tensorboard --logdir logs/quickstart" in out
-    run_dir = in_tmp / "logs" / "quickstart" / "version_0"
-    assert f"exported N:M model: {Path('logs/quickstart/version_0/export/model.pt')}" in out
+    assert "switch step: " in out and "tensorboard --logdir logs/quickstart/step_2of4" in out
+    run_dir = in_tmp / "logs" / "quickstart" / "step_2of4" / "version_0"
+    assert f"exported N:M model: {Path('logs/quickstart/step_2of4/version_0/export/model.pt')}" in out
     for name in ("config.yaml", "autoswitch.png", "sparsity_layers.md"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -67,19 +70,104 @@ def test_module_entry_point_help() -> None:
     assert result.returncode == 0 and "--trainer.max_epochs" in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")
-                                           if p.name != "debug.yaml"))
-def test_every_shipped_config_instantiates_with_the_debug_overlay(in_tmp: Path, config: str) -> None:
-    text = (CONFIGS / config).read_text()
+def test_configs_are_tasks_and_recipes() -> None:
+    assert RECIPES == ["asp_1of4", "asp_1of8", "asp_2of4", "dense", "srste_1of4", "srste_1of8", "srste_2of4",
+                       "step_1of4", "step_1of8", "step_2of4"]
+    assert TASKS == ["cifar10/resnet18.yaml", "cifar10/vit.yaml", "cifar100/resnet18.yaml", "glue/bert_base.yaml",
+                     "wikitext/gpt2.yaml", "wmt17_de_en/transformer_base.yaml"]
+    for recipe in RECIPES:  # a recipe file holds the recipe only, and says what it trains
+        text = (CONFIGS / "recipes" / f"{recipe}.yaml").read_text()
+        assert text.startswith("# ") and "--config configs/recipes/" in text
+        assert set(yaml.safe_load(text)) == {"recipe"}
+    for task in TASKS:  # a task file holds no recipe
+        assert "recipe" not in yaml.safe_load((CONFIGS / task).read_text())
+
+
+@pytest.mark.parametrize("task", [*TASKS, "quickstart.yaml"])
+def test_every_task_config_instantiates_with_the_debug_overlay(in_tmp: Path, task: str) -> None:
+    text = (CONFIGS / task).read_text()
     assert text.startswith("# ") and "python -m step_lightning fit" in text  # says what it trains and how
-    cli = StepLightningCLI(args=["--config", str(CONFIGS / config), "--config", str(DEBUG),
-                                 *offline_overrides(config, in_tmp)], run=False)
+    cli = StepLightningCLI(args=["--config", str(CONFIGS / task), "--config", str(DEBUG),
+                                 *offline_overrides(task, in_tmp)], run=False)
     assert cli.trainer.max_epochs == 2 and cli.trainer.limit_train_batches == 6
     assert cli.model is not None and cli.datamodule is not None
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_x_recipe_parses(in_tmp: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for recipe in RECIPES:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(CONFIGS / task), "--config", str(CONFIGS / "recipes" / f"{recipe}.yaml"),
+                  "--print_config"])
+        assert exit_info.value.code == 0, (task, recipe, capsys.readouterr().err[-2000:])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        if recipe == "dense":
+            assert printed["recipe"] is None
+        else:
+            kind, nm = recipe.split("_")
+            assert printed["recipe"]["class_path"].lower().endswith(f"{kind}callback")
+            assert f"{printed['recipe']['init_args']['n']}of{printed['recipe']['init_args']['m']}" == nm
+
+
+def test_recipe_key_from_the_command_line(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def recipe_of(*argv: str) -> dict:
+        with pytest.raises(SystemExit):
+            main(["fit", *argv, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)["recipe"]
+
+    assert recipe_of("--recipe.init_args.m", "8")["init_args"]["m"] == 8  # the quickstart's STEP at 2:8
+    short = recipe_of("--config", str(CONFIGS / "cifar10/resnet18.yaml"), "--recipe", "STEPCallback", "--recipe.m", "8")
+    assert short["class_path"] == "step_lightning.callbacks.step.STEPCallback" and short["init_args"]["m"] == 8
+    assert recipe_of("--recipe", "null") is None
+    replaced = recipe_of("--config", str(CONFIGS / "recipes" / "srste_1of8.yaml"))  # stacked on the quickstart
+    assert replaced["class_path"].endswith("SRSTECallback")
+    assert (replaced["init_args"]["n"], replaced["init_args"]["m"]) == (1, 8)
+
+
+def test_dense_run_has_no_recipe_and_logs_under_task_model_recipe(in_tmp: Path) -> None:
+    cli = main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG), "--config",
+                str(CONFIGS / "recipes" / "dense.yaml"), "--trainer.max_epochs", "1"])
+    from step_lightning.callbacks import NMSparsityCallback
+
+    assert not any(isinstance(cb, NMSparsityCallback) for cb in cli.trainer.callbacks)
+    assert Path(cli.trainer.log_dir) == Path("logs") / "quickstart" / "dense" / "version_0"
+    cli = main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG), "--trainer.max_epochs", "1",
+                "--recipe.init_args.m", "8", "--recipe.init_args.switch", "2"])
+    assert Path(cli.trainer.log_dir) == Path("logs") / "quickstart" / "step_2of8" / "version_0"
+
+
+def fit_every_recipe(task: str, root: Path, *extra: str) -> dict[str, object]:
+    """``fit`` the task with every recipe at 2:4 (ASP from the dense run's last checkpoint), on the debug overlay:
+    each run ends with an N:M export of its model. Returns the CLI objects by recipe."""
+    base = ["fit", "--config", str(CONFIGS / task), "--config", str(DEBUG), *offline_overrides(task, root), *extra]
+    runs: dict[str, object] = {}
+    for recipe in ("dense", "asp_2of4", "srste_2of4", "step_2of4"):
+        args = [*base[:3], "--config", str(CONFIGS / "recipes" / f"{recipe}.yaml"), *base[3:]]
+        if recipe == "step_2of4":
+            args += ["--recipe.init_args.switch", "2"]
+        if recipe == "asp_2of4":
+            args += ["--init_from", str(Path(runs["dense"].trainer.log_dir) / "checkpoints" / "last.ckpt")]
+        cli = main(args)
+        run_dir = Path(cli.trainer.log_dir)
+        assert run_dir.parts[-2:] == (recipe, "version_0") and run_dir.parts[1:-2] == Path(task).with_suffix("").parts
+        assert cli.trainer.global_step > 0
+        if recipe != "dense":
+            state = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+            manifest = json.loads((run_dir / "export" / "sparsity.json").read_text())
+            assert manifest["targets"]
+            for name, spec in manifest["targets"].items():
+                check_nm_sparse(state[name], spec["n"], spec["m"], spec["layout"], name=name)
+        runs[recipe] = cli
+    return runs
+
+
 def offline_overrides(config: str, root: Path) -> list[str]:
-    """For the language-model configs: a tiny local model and data in ``root`` instead of the Hub's."""
+    """Tiny local data (and, for the language models, a tiny local model) in ``root`` instead of downloads."""
+    if config.startswith(("cifar10/", "cifar100/")):
+        from tests.conftest import make_cifar
+
+        make_cifar(root / "data", config.split("/")[0])
+        return ["--data.init_args.data_dir", str(root / "data")]
     if config.startswith("glue/"):
         from tests.hf_tiny import make_glue, make_tiny_bert
 
@@ -121,7 +209,8 @@ def test_checkpoint_from_a_different_model(in_tmp: Path) -> None:
     # without them (saved by other code) is checked against the configured model.
     main(["fit", "--config", str(QUICKSTART), "--config", str(DEBUG), "--trainer.max_epochs", "1",
           "--model.init_args.width", "48"])
-    ckpt = torch.load(in_tmp / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(in_tmp / "logs" / "quickstart" / "step_2of4" / "version_0" / "checkpoints" / "last.ckpt",
+                      weights_only=False)
     del ckpt["hyper_parameters"]
     torch.save(ckpt, in_tmp / "other.ckpt")
     with pytest.raises(ValueError, match=r"`--ckpt_path` 'other.ckpt' was saved from a different model than the "
@@ -166,4 +255,4 @@ def test_quickstart_under_two_process_ddp(in_tmp: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=in_tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step_lightning fit finished.") == 1
-    assert (in_tmp / "logs" / "quickstart" / "version_0" / "export" / "model.pt").is_file()
+    assert (in_tmp / "logs" / "quickstart" / "step_2of4" / "version_0" / "export" / "model.pt").is_file()

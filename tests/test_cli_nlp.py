@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from step_lightning import check_nm_sparse
-from step_lightning.cli import main
-from tests.test_cli import CONFIGS, DEBUG, offline_overrides
+from tests.test_cli import fit_every_recipe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["glue/bert_base_step_2of4.yaml", "wikitext/gpt2_step_2of4.yaml"])
-def test_language_model_config_fits_and_exports_a_hugging_face_model(in_tmp: Path, config: str) -> None:
-    cli = main(["fit", "--config", str(CONFIGS / config), "--config", str(DEBUG), *offline_overrides(config, in_tmp),
-                "--data.init_args.batch_size", "4", "--trainer.callbacks.init_args.switch", "2"])
+@pytest.mark.parametrize("config", ["glue/bert_base.yaml", "wikitext/gpt2.yaml"])
+def test_language_model_config_fits_every_recipe_and_exports_a_hugging_face_model(in_tmp: Path, config: str) -> None:
+    cli = fit_every_recipe(config, in_tmp, "--data.init_args.batch_size", "4")["step_2of4"]
     recipe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "STEPCallback")
     assert recipe.switch_step == 2
     names = [t.name for t in recipe.targets]

@@ -11,7 +11,7 @@ from step_lightning import check_nm_sparse, nm_mask
 from step_lightning.cli import main
 from tests.conftest import make_cifar
 from tests.data.test_image_folder import make_image_folder
-from tests.test_cli import CONFIGS, DEBUG
+from tests.test_cli import CONFIGS, DEBUG, fit_every_recipe
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--data.init_args.batch_size", "4"]
@@ -22,34 +22,30 @@ def _fit(config: str, *extra: str) -> object:
 
 
 @pytest.mark.slow
-def test_cifar_dense_then_asp_from_it_then_step(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    make_cifar(in_tmp / "data")
-    _fit("cifar10/resnet18_dense_2of4.yaml")
-    run = in_tmp / "logs" / "cifar10" / "resnet18_dense_2of4" / "version_0"
-    dense = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-
-    with pytest.warns(UserWarning, match="no `--init_from` checkpoint was given"):
-        _fit("cifar10/resnet18_asp_2of4.yaml", "--trainer.max_steps", "0")
-    capsys.readouterr()
-    cli = _fit("cifar10/resnet18_asp_2of4.yaml", "--init_from", str(run / "checkpoints" / "last.ckpt"),
-               "--trainer.limit_train_batches", "1")
+def test_cifar_every_recipe_with_asp_from_the_dense_run(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = fit_every_recipe("cifar10/resnet18.yaml", in_tmp, *TINY)
     assert "Initialised ImageClassifier from --init_from" in capsys.readouterr().out
-    recipe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ASPCallback")
-    masked = recipe.masked_state_dict(cli.model)
+    dense_ckpt = Path(runs["dense"].trainer.log_dir) / "checkpoints" / "last.ckpt"
+    dense = torch.load(dense_ckpt, weights_only=False)["state_dict"]
+    asp = runs["asp_2of4"]
+    recipe = next(c for c in asp.trainer.callbacks if type(c).__name__ == "ASPCallback")
+    masked = recipe.masked_state_dict(asp.model)
     for name in ("net.layer2.0.conv1.weight", "net.layer4.1.conv2.weight"):
         check_nm_sparse(masked[name], 2, 4, "conv")
-        # Pruned by magnitude from the dense run's weights, then fine-tuned one step with that mask.
+        # Pruned by magnitude from the dense run's weights, then fine-tuned with that mask.
         assert torch.equal(masked[name] != 0, nm_mask(dense[name], 2, 4, "conv"))
 
-    cli = _fit("cifar10/resnet18_step_2of4.yaml", "--trainer.callbacks.init_args.switch", "1")
-    assert (in_tmp / "logs" / "cifar10" / "resnet18_step_2of4" / "version_0" / "export" / "model.pt").is_file()
+    with pytest.warns(UserWarning, match="no `--init_from` checkpoint was given"):
+        _fit("cifar10/resnet18.yaml", "--config", str(CONFIGS / "recipes" / "asp_2of4.yaml"), "--trainer.max_steps",
+             "0")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cifar10/vit_srste_2of4.yaml", "cifar100/resnet18_step_1of8.yaml"])
-def test_other_cifar_configs_fit(in_tmp: Path, config: str) -> None:
+@pytest.mark.parametrize(("config", "recipe"), [("cifar10/vit.yaml", "srste_2of4"), ("cifar100/resnet18.yaml",
+                                                                                      "step_1of8")])
+def test_other_cifar_configs_fit(in_tmp: Path, config: str, recipe: str) -> None:
     make_cifar(in_tmp / "data", "cifar100" if "cifar100" in config else "cifar10")
-    cli = _fit(config)
+    cli = _fit(config, "--config", str(CONFIGS / "recipes" / f"{recipe}.yaml"))
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     assert cli.model.hparams.num_classes == (100 if "cifar100" in config else 10)
 
@@ -58,10 +54,9 @@ def test_image_folder_classes_and_size_are_linked_to_the_model(in_tmp: Path) -> 
     make_image_folder(in_tmp / "images")
     config = in_tmp / "folder.yaml"
     config.write_text(f"""
-trainer:
-  callbacks:
-    - class_path: step_lightning.STEPCallback
-      init_args: {{n: 2, m: 4, switch: 2}}
+recipe:
+  class_path: step_lightning.STEPCallback
+  init_args: {{n: 2, m: 4, switch: 2}}
 model:
   class_path: step_lightning.models.ImageClassifier
   init_args: {{backbone: vit, width: 32, depth: 1, heads: 2}}

@@ -42,10 +42,10 @@ def _config(tmp: Path, crash: dict[str, Any] | None = None) -> Path:
                          "init_args": {"every_n_train_steps": 4}})
     if crash is not None:
         callbacks.insert(0, {"class_path": "tests.test_fault_tolerance.CrashAt", "init_args": crash})
-    step = next(c for c in callbacks if c["class_path"].endswith("STEPCallback"))
-    step["init_args"] = {"n": 2, "m": 4, "switch": SWITCH}
+    recipe = {"class_path": "step_lightning.STEPCallback", "init_args": {"n": 2, "m": 4, "switch": SWITCH}}
     path = tmp / f"run_{'crash' if crash else 'ref'}.yaml"
-    path.write_text(yaml.safe_dump(config | {"trainer": config["trainer"] | {"callbacks": callbacks}}))
+    path.write_text(yaml.safe_dump(config | {"trainer": config["trainer"] | {"callbacks": callbacks},
+                                             "recipe": recipe}))
     return path
 
 
@@ -73,7 +73,7 @@ def _assert_same_end(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def _reference(tmp: Path) -> dict[str, Any]:
     main(["fit", "--config", str(_config(tmp)), "--config", str(DEBUG)])
-    return _final(tmp / "logs" / "run_ref" / "version_0")
+    return _final(tmp / "logs" / "run_ref" / "step_2of4" / "version_0")
 
 
 @pytest.mark.slow
@@ -87,11 +87,11 @@ def test_crash_then_resume_equals_uninterrupted(in_tmp: Path, crash_step: int, r
     config = _config(in_tmp, {"step": crash_step})
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         main(["fit", "--config", str(config), "--config", str(DEBUG)])
-    run = in_tmp / "logs" / "run_crash" / "version_0"
+    run = in_tmp / "logs" / "run_crash" / "step_2of4" / "version_0"
     assert _final(run)["global_step"] == resume_step
     main(["fit", "--config", str(config.with_name("run_ref.yaml")), "--config", str(DEBUG),
           "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    _assert_same_end(reference, _final(in_tmp / "logs" / "run_ref" / "version_1"))
+    _assert_same_end(reference, _final(in_tmp / "logs" / "run_ref" / "step_2of4" / "version_1"))
 
 
 @pytest.mark.slow
@@ -102,12 +102,12 @@ def test_kill_9_then_resume_equals_uninterrupted(in_tmp: Path) -> None:
                              str(DEBUG)], cwd=in_tmp, capture_output=True, text=True, timeout=300,
                             env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    run = in_tmp / "logs" / "run_crash" / "version_0" / "checkpoints"
+    run = in_tmp / "logs" / "run_crash" / "step_2of4" / "version_0" / "checkpoints"
     assert sorted(p.name for p in run.iterdir()) == ["last.ckpt"]  # no partial or temporary file
     assert _final(run.parent)["global_step"] == 8
     main(["fit", "--config", str(config.with_name("run_ref.yaml")), "--config", str(DEBUG),
           "--ckpt_path", str(run / "last.ckpt")])
-    _assert_same_end(reference, _final(in_tmp / "logs" / "run_ref" / "version_1"))
+    _assert_same_end(reference, _final(in_tmp / "logs" / "run_ref" / "step_2of4" / "version_1"))
 
 
 @pytest.mark.slow
@@ -126,9 +126,9 @@ def test_two_process_ddp_crash_mid_epoch_then_resume_equals_uninterrupted(in_tmp
     assert reference.returncode == 0, reference.stderr[-3000:]
     crashed = fit(_config(in_tmp, {"step": 10}))
     assert crashed.returncode != 0, crashed.stderr[-3000:]
-    run = in_tmp / "logs" / "run_crash" / "version_0"
+    run = in_tmp / "logs" / "run_crash" / "step_2of4" / "version_0"
     assert _final(run)["global_step"] == 8
     resumed = fit(_config(in_tmp), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_end(_final(in_tmp / "logs" / "run_ref" / "version_0"),
-                     _final(in_tmp / "logs" / "run_ref" / "version_1"))
+    _assert_same_end(_final(in_tmp / "logs" / "run_ref" / "step_2of4" / "version_0"),
+                     _final(in_tmp / "logs" / "run_ref" / "step_2of4" / "version_1"))
