@@ -32,6 +32,9 @@ from typing import Any, Literal, Union
 __all__ = [
     "ClosedUnitInterval",
     "IntAtLeast2",
+    "IntAtLeast4",
+    "IntAtLeast8",
+    "IntAtLeast16",
     "NonNegativeFloat",
     "NonNegativeInt",
     "OpenUnitInterval",
@@ -75,6 +78,9 @@ NonNegativeFloat = _restricted("NonNegativeFloat", float, [(">=", 0)], "a number
 ClosedUnitInterval = _restricted("ClosedUnitInterval", float, [(">=", 0), ("<=", 1)], "a number in [0, 1]")
 OpenUnitInterval = _restricted("OpenUnitInterval", float, [(">", 0), ("<", 1)], "a number in (0, 1)")
 UnitIntervalOpenRight = _restricted("UnitIntervalOpenRight", float, [(">=", 0), ("<", 1)], "a number in [0, 1)")
+IntAtLeast4 = _restricted("IntAtLeast4", int, [(">=", 4)], "an integer >= 4")
+IntAtLeast8 = _restricted("IntAtLeast8", int, [(">=", 8)], "an integer >= 8")
+IntAtLeast16 = _restricted("IntAtLeast16", int, [(">=", 16)], "an integer >= 16")
 
 
 def _accepts(kind: Any, value: Any) -> bool | None:
@@ -86,7 +92,7 @@ def _accepts(kind: Any, value: Any) -> bool | None:
         verdicts = [_accepts(option, value) for option in typing.get_args(kind)]
         if any(verdicts):
             return True
-        return None if all(v is None for v in verdicts) else False
+        return None if any(v is None for v in verdicts) else False  # an unconstrained option may accept it
     if kind is type(None):
         return value is None
     if kind is bool:
