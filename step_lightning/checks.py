@@ -65,7 +65,14 @@ def _restricted(name: str, base: type, restrictions: list[tuple[str, float]], de
 
         kind = type(name, (base,), {"__new__": new, "__doc__": description})
     else:
+        from jsonargparse.typing import register_type
+
         kind = restricted_number_type(name, base, restrictions, docstring=description)
+        # The parser checks with `kind` but hands on a plain number: an instance of `kind` in a module's
+        # hyperparameters would make its checkpoint unloadable by torch.load(weights_only=True) (Lightning's
+        # default for local files) and write `!!python/object` tags into hparams.yaml.
+        register_type(kind, serializer=base, deserializer=lambda value, kind=kind, base=base: base(kind(value)),
+                      type_check=lambda value, kind: False)
     _DESCRIPTIONS[kind] = description
     return kind
 

@@ -13,72 +13,26 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from step_lightning.checks import IntAtLeast4, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
+from step_lightning.tasks.glue import TASKS, GLUETask, TaskSpec
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedTokenizerBase
 
-GLUETask = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 HUB_DATASET = "nyu-mll/glue"
 # Bumped whenever the tokenised format changes, so old caches are not reused.
 CACHE_FORMAT = 1
 MIN_MAX_LENGTH = 4  # [CLS] a [SEP] b [SEP] needs room for the special tokens and one token of text
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one GLUE task looks in Hugging Face ``datasets`` and in the official download.
-
-    ``text``/``label`` are the column names of the ``nyu-mll/glue`` dataset; ``tsv_text``/``tsv_label`` the
-    header names in the official TSV files (an ``int`` is a column position, for CoLA's header-less files).
-    ``labels`` lists the class names in the order of ``datasets``' ``ClassLabel`` (``None``: regression).
-    ``dev`` maps each validation split name of ``datasets`` to its official file.
-    """
-
-    folder: str
-    text: tuple[str, ...]
-    tsv_text: tuple[str | int, ...]
-    tsv_label: str | int
-    labels: tuple[str, ...] | None
-    dev: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-    @property
-    def val_splits(self) -> tuple[str, ...]:
-        return tuple(split for split, _ in self.dev)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("CoLA", ("sentence",), (3,), 1, ("unacceptable", "acceptable")),
-    "sst2": TaskSpec("SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive")),
-    "mrpc": TaskSpec("MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
-                     ("not_equivalent", "equivalent")),
-    "stsb": TaskSpec("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None),
-    "qqp": TaskSpec("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-                    ("not_duplicate", "duplicate")),
-    "mnli": TaskSpec("MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
-                     ("entailment", "neutral", "contradiction"),
-                     (("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
-    "qnli": TaskSpec("QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-                     ("entailment", "not_entailment")),
-    "rte": TaskSpec("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-                    ("entailment", "not_entailment")),
-    "wnli": TaskSpec("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-                     ("not_entailment", "entailment")),
-}
 
 
 def _check_task(task: str) -> TaskSpec:
