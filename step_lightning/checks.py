@@ -35,6 +35,7 @@ __all__ = [
     "IntAtLeast4",
     "IntAtLeast8",
     "IntAtLeast16",
+    "NonEmptyStr",
     "NonNegativeFloat",
     "NonNegativeInt",
     "OpenUnitInterval",
@@ -90,6 +91,28 @@ IntAtLeast8 = _restricted("IntAtLeast8", int, [(">=", 8)], "an integer >= 8")
 IntAtLeast16 = _restricted("IntAtLeast16", int, [(">=", 16)], "an integer >= 16")
 
 
+def _non_empty_string() -> type:
+    """A string with a character other than white space: jsonargparse's ``NotEmptyStr``, handed on as ``str``."""
+    try:
+        from jsonargparse.typing import NotEmptyStr, register_type
+    except ImportError:
+        def new(cls: type, value: Any) -> Any:
+            if not str(value).strip():
+                raise ValueError(f"{value!r} is not a non-empty string")
+            return str.__new__(cls, value)
+
+        kind = type("NotEmptyStr", (str,), {"__new__": new, "__doc__": "a non-empty string"})
+    else:
+        kind = NotEmptyStr
+        register_type(kind, serializer=str, deserializer=lambda value: str(kind(value)),
+                      type_check=lambda value, kind: False)
+    _DESCRIPTIONS[kind] = "a non-empty string"
+    return kind
+
+
+NonEmptyStr = _non_empty_string()
+
+
 def _accepts(kind: Any, value: Any) -> bool | None:
     """Whether ``value`` meets ``kind``; ``None`` when ``kind`` carries no constraint we check."""
     origin = typing.get_origin(kind)
@@ -104,6 +127,8 @@ def _accepts(kind: Any, value: Any) -> bool | None:
         return value is None
     if kind is bool:
         return isinstance(value, bool)
+    if kind in _DESCRIPTIONS and issubclass(kind, str):
+        return isinstance(value, str) and bool(value.strip())
     if kind in _DESCRIPTIONS:
         base = int if issubclass(kind, int) else float
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from step_lightning.checks import IntAtLeast4, NonNegativeInt, PositiveInt, check_arguments
+from step_lightning.checks import IntAtLeast4, NonEmptyStr, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
 from step_lightning.tasks.glue import TASKS, GLUETask, TaskSpec
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 HUB_DATASET = "nyu-mll/glue"
 # Bumped whenever the tokenised format changes, so old caches are not reused.
 CACHE_FORMAT = 1
-MIN_MAX_LENGTH = 4  # [CLS] a [SEP] b [SEP] needs room for the special tokens and one token of text
 
 
 def _check_task(task: str) -> TaskSpec:
@@ -202,7 +201,8 @@ class GLUEDataModule(pl.LightningDataModule):
         model_name_or_path: the tokenizer (``AutoTokenizer.from_pretrained``): a Hub name or a local folder;
             the CLI links it from ``--model.model_name_or_path``.
         data_dir: root of the official GLUE download; ``None``: ``nyu-mll/glue`` from the Hugging Face Hub.
-        max_length: tokens per example after truncation (at most the tokenizer's ``model_max_length``).
+        max_length: tokens per example after truncation, at least 4 (``[CLS] a [SEP] b [SEP]`` needs room for the
+            special tokens and one token of text), at most the tokenizer's ``model_max_length``.
         batch_size: training examples per batch (per process under DDP).
         eval_batch_size: validation/test examples per batch; ``None``: ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -227,33 +227,17 @@ class GLUEDataModule(pl.LightningDataModule):
     def __init__(
         self,
         task: GLUETask = "sst2",
-        model_name_or_path: str = "bert-base-uncased",
+        model_name_or_path: NonEmptyStr = "bert-base-uncased",
         data_dir: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        max_length: IntAtLeast4 = 128,
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         cache_dir: str | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if task not in TASKS:
-            problems.append(f"`--data.task` must be one of {list(TASKS)}, got {task!r}")
-        if not isinstance(model_name_or_path, str) or not model_name_or_path:
-            problems.append(f"`--data.model_name_or_path` must be a Hub name or a local folder, got "
-                            f"{model_name_or_path!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
-            problems.append(f"`--data.max_length` must be an integer >= {MIN_MAX_LENGTH}, got {max_length!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
-                                            or eval_batch_size < 1):
-            problems.append(f"`--data.eval_batch_size` must be an integer >= 1 or null, got {eval_batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"`--data.num_workers` must be an integer >= 0, got {num_workers!r}")
-        if problems:
-            raise ValueError("GLUEDataModule: " + "; ".join(problems) + ".")
+        check_arguments(GLUEDataModule, locals(), flag="--data.{}")
         self.save_hyperparameters()
         self.task = task
         self.spec = TASKS[task]
