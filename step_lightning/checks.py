@@ -32,6 +32,10 @@ from typing import Any, Literal, Union
 __all__ = [
     "ClosedUnitInterval",
     "IntAtLeast2",
+    "IntAtLeast4",
+    "IntAtLeast8",
+    "IntAtLeast16",
+    "NonEmptyStr",
     "NonNegativeFloat",
     "NonNegativeInt",
     "OpenUnitInterval",
@@ -62,7 +66,14 @@ def _restricted(name: str, base: type, restrictions: list[tuple[str, float]], de
 
         kind = type(name, (base,), {"__new__": new, "__doc__": description})
     else:
+        from jsonargparse.typing import register_type
+
         kind = restricted_number_type(name, base, restrictions, docstring=description)
+        # The parser checks with `kind` but hands on a plain number: an instance of `kind` in a module's
+        # hyperparameters would make its checkpoint unloadable by torch.load(weights_only=True) (Lightning's
+        # default for local files) and write `!!python/object` tags into hparams.yaml.
+        register_type(kind, serializer=base, deserializer=lambda value, kind=kind, base=base: base(kind(value)),
+                      type_check=lambda value, kind: False)
     _DESCRIPTIONS[kind] = description
     return kind
 
@@ -75,6 +86,31 @@ NonNegativeFloat = _restricted("NonNegativeFloat", float, [(">=", 0)], "a number
 ClosedUnitInterval = _restricted("ClosedUnitInterval", float, [(">=", 0), ("<=", 1)], "a number in [0, 1]")
 OpenUnitInterval = _restricted("OpenUnitInterval", float, [(">", 0), ("<", 1)], "a number in (0, 1)")
 UnitIntervalOpenRight = _restricted("UnitIntervalOpenRight", float, [(">=", 0), ("<", 1)], "a number in [0, 1)")
+IntAtLeast4 = _restricted("IntAtLeast4", int, [(">=", 4)], "an integer >= 4")
+IntAtLeast8 = _restricted("IntAtLeast8", int, [(">=", 8)], "an integer >= 8")
+IntAtLeast16 = _restricted("IntAtLeast16", int, [(">=", 16)], "an integer >= 16")
+
+
+def _non_empty_string() -> type:
+    """A string with a character other than white space: jsonargparse's ``NotEmptyStr``, handed on as ``str``."""
+    try:
+        from jsonargparse.typing import NotEmptyStr, register_type
+    except ImportError:
+        def new(cls: type, value: Any) -> Any:
+            if not str(value).strip():
+                raise ValueError(f"{value!r} is not a non-empty string")
+            return str.__new__(cls, value)
+
+        kind = type("NotEmptyStr", (str,), {"__new__": new, "__doc__": "a non-empty string"})
+    else:
+        kind = NotEmptyStr
+        register_type(kind, serializer=str, deserializer=lambda value: str(kind(value)),
+                      type_check=lambda value, kind: False)
+    _DESCRIPTIONS[kind] = "a non-empty string"
+    return kind
+
+
+NonEmptyStr = _non_empty_string()
 
 
 def _accepts(kind: Any, value: Any) -> bool | None:
@@ -86,11 +122,13 @@ def _accepts(kind: Any, value: Any) -> bool | None:
         verdicts = [_accepts(option, value) for option in typing.get_args(kind)]
         if any(verdicts):
             return True
-        return None if all(v is None for v in verdicts) else False
+        return None if any(v is None for v in verdicts) else False  # an unconstrained option may accept it
     if kind is type(None):
         return value is None
     if kind is bool:
         return isinstance(value, bool)
+    if kind in _DESCRIPTIONS and issubclass(kind, str):
+        return isinstance(value, str) and bool(value.strip())
     if kind in _DESCRIPTIONS:
         base = int if issubclass(kind, int) else float
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from step_lightning.checks import NonNegativeInt, PositiveInt, UnitIntervalOpenRight, check_arguments
 from step_lightning.data.augment import crop_flip, normalization, normalize
 from step_lightning.data.loading import global_seed, stateful_loader
 
@@ -147,27 +148,15 @@ class CIFARDataModule(pl.LightningDataModule):
         self,
         dataset: CIFARName = "cifar10",
         data_dir: str = "data/",
-        batch_size: int = 128,
-        num_workers: int = 4,
-        val_split: float = 0.0,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 4,
+        val_split: UnitIntervalOpenRight = 0.0,
         augment: bool = True,
         gpu_augment: bool | Literal["auto"] = "auto",
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if dataset not in STATS:
-            problems.append(f"`--data.dataset` must be one of {sorted(STATS)}, got {dataset!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"`--data.num_workers` must be an integer >= 0, got {num_workers!r}")
-        if not 0.0 <= val_split < 1.0:
-            problems.append(f"`--data.val_split` must be in [0, 1), got {val_split!r}")
-        if gpu_augment not in (True, False, "auto"):
-            problems.append(f"`--data.gpu_augment` must be true, false or 'auto', got {gpu_augment!r}")
-        if problems:
-            raise ValueError("CIFARDataModule: " + "; ".join(problems) + ".")
+        check_arguments(CIFARDataModule, locals(), flag="--data.{}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = data_dir

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from step_lightning.checks import NonNegativeInt, OpenUnitInterval, PositiveInt, check_arguments
 from step_lightning.data.loading import stateful_loader
 
 
@@ -27,15 +28,10 @@ class DigitsDataModule(pl.LightningDataModule):
     in_channels = 1
     image_size = 8
 
-    def __init__(self, batch_size: int = 64, val_split: float = 0.2, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: PositiveInt = 64, val_split: OpenUnitInterval = 0.2, num_workers: NonNegativeInt = 0,
+                 seed: int = 0) -> None:
         super().__init__()
-        problems = []
-        if not isinstance(batch_size, int) or batch_size < 1:
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if not 0.0 < val_split < 1.0:
-            problems.append(f"`--data.val_split` must be in (0, 1), got {val_split!r}")
-        if problems:
-            raise ValueError("DigitsDataModule: " + "; ".join(problems) + ".")
+        check_arguments(DigitsDataModule, locals(), flag="--data.{}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_split = val_split

@@ -13,72 +13,25 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from step_lightning.checks import IntAtLeast4, NonEmptyStr, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
+from step_lightning.tasks.glue import TASKS, GLUETask, TaskSpec
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedTokenizerBase
 
-GLUETask = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 HUB_DATASET = "nyu-mll/glue"
 # Bumped whenever the tokenised format changes, so old caches are not reused.
 CACHE_FORMAT = 1
-MIN_MAX_LENGTH = 4  # [CLS] a [SEP] b [SEP] needs room for the special tokens and one token of text
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one GLUE task looks in Hugging Face ``datasets`` and in the official download.
-
-    ``text``/``label`` are the column names of the ``nyu-mll/glue`` dataset; ``tsv_text``/``tsv_label`` the
-    header names in the official TSV files (an ``int`` is a column position, for CoLA's header-less files).
-    ``labels`` lists the class names in the order of ``datasets``' ``ClassLabel`` (``None``: regression).
-    ``dev`` maps each validation split name of ``datasets`` to its official file.
-    """
-
-    folder: str
-    text: tuple[str, ...]
-    tsv_text: tuple[str | int, ...]
-    tsv_label: str | int
-    labels: tuple[str, ...] | None
-    dev: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-    @property
-    def val_splits(self) -> tuple[str, ...]:
-        return tuple(split for split, _ in self.dev)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("CoLA", ("sentence",), (3,), 1, ("unacceptable", "acceptable")),
-    "sst2": TaskSpec("SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive")),
-    "mrpc": TaskSpec("MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
-                     ("not_equivalent", "equivalent")),
-    "stsb": TaskSpec("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None),
-    "qqp": TaskSpec("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-                    ("not_duplicate", "duplicate")),
-    "mnli": TaskSpec("MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
-                     ("entailment", "neutral", "contradiction"),
-                     (("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
-    "qnli": TaskSpec("QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-                     ("entailment", "not_entailment")),
-    "rte": TaskSpec("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-                    ("entailment", "not_entailment")),
-    "wnli": TaskSpec("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-                     ("not_entailment", "entailment")),
-}
 
 
 def _check_task(task: str) -> TaskSpec:
@@ -248,7 +201,8 @@ class GLUEDataModule(pl.LightningDataModule):
         model_name_or_path: the tokenizer (``AutoTokenizer.from_pretrained``): a Hub name or a local folder;
             the CLI links it from ``--model.model_name_or_path``.
         data_dir: root of the official GLUE download; ``None``: ``nyu-mll/glue`` from the Hugging Face Hub.
-        max_length: tokens per example after truncation (at most the tokenizer's ``model_max_length``).
+        max_length: tokens per example after truncation, at least 4 (``[CLS] a [SEP] b [SEP]`` needs room for the
+            special tokens and one token of text), at most the tokenizer's ``model_max_length``.
         batch_size: training examples per batch (per process under DDP).
         eval_batch_size: validation/test examples per batch; ``None``: ``batch_size``.
         num_workers: DataLoader worker processes.
@@ -273,33 +227,17 @@ class GLUEDataModule(pl.LightningDataModule):
     def __init__(
         self,
         task: GLUETask = "sst2",
-        model_name_or_path: str = "bert-base-uncased",
+        model_name_or_path: NonEmptyStr = "bert-base-uncased",
         data_dir: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        max_length: IntAtLeast4 = 128,
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         cache_dir: str | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if task not in TASKS:
-            problems.append(f"`--data.task` must be one of {list(TASKS)}, got {task!r}")
-        if not isinstance(model_name_or_path, str) or not model_name_or_path:
-            problems.append(f"`--data.model_name_or_path` must be a Hub name or a local folder, got "
-                            f"{model_name_or_path!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
-            problems.append(f"`--data.max_length` must be an integer >= {MIN_MAX_LENGTH}, got {max_length!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
-                                            or eval_batch_size < 1):
-            problems.append(f"`--data.eval_batch_size` must be an integer >= 1 or null, got {eval_batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"`--data.num_workers` must be an integer >= 0, got {num_workers!r}")
-        if problems:
-            raise ValueError("GLUEDataModule: " + "; ".join(problems) + ".")
+        check_arguments(GLUEDataModule, locals(), flag="--data.{}")
         self.save_hyperparameters()
         self.task = task
         self.spec = TASKS[task]

@@ -12,6 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from step_lightning.checks import IntAtLeast8, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.data.loading import global_seed, stateful_loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,39 +68,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str,
-        image_size: int = 32,
-        batch_size: int = 64,
-        num_workers: int = 4,
+        image_size: IntAtLeast8 = 32,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 4,
         augment: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        problems = []
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            problems.append(f"`--data.image_size` must be an integer >= 8, got {image_size!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            problems.append(f"`--data.num_workers` must be an integer >= 0, got {num_workers!r}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            problems.append(f"`--data.mean` and `--data.std` must hold 3 values (RGB), std > 0; got {list(mean)} "
-                            f"and {list(std)}")
+        classes, folder_problems = _check_folders(data_dir)
+        check_arguments(ImageFolderDataModule, locals(), flag="--data.{}",
+                        extra=[*_normalization_problems(mean, std), *folder_problems])
         root = Path(data_dir)
-        missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
-        if missing:
-            problems.append(f"`--data.data_dir` {data_dir!r} must hold the folders train/ and val/ (one sub-folder "
-                            f"per class); missing: {missing}")
-        classes: list[str] = []
-        if not missing:
-            classes = _class_dirs(root / "train")
-            if not classes:
-                problems.append(f"`--data.data_dir`: {root / 'train'} holds no class folders")
-            unknown = sorted(set(_class_dirs(root / "val")) - set(classes))
-            if unknown:
-                problems.append(f"`--data.data_dir`: val/ holds classes that train/ lacks: {unknown}")
-        if problems:
-            raise ValueError("ImageFolderDataModule: " + "; ".join(problems) + ".")
         self.save_hyperparameters()
         self.data_dir = root
         self.image_size = image_size
@@ -145,3 +125,26 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader("val")
+
+
+def _normalization_problems(mean: Sequence[float], std: Sequence[float]) -> list[str]:
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        return [f"`--data.mean` and `--data.std` must hold 3 values (RGB), std > 0; got {list(mean)} and {list(std)}"]
+    return []
+
+
+def _check_folders(data_dir: str) -> tuple[list[str], list[str]]:
+    """The class names under ``data_dir/train``, and what is wrong with the ``train/`` and ``val/`` folders."""
+    root = Path(data_dir)
+    missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        return [], [f"`--data.data_dir` {data_dir!r} must hold the folders train/ and val/ (one sub-folder per "
+                    f"class); missing: {missing}"]
+    problems = []
+    classes = _class_dirs(root / "train")
+    if not classes:
+        problems.append(f"`--data.data_dir`: {root / 'train'} holds no class folders")
+    unknown = sorted(set(_class_dirs(root / "val")) - set(classes))
+    if unknown:
+        problems.append(f"`--data.data_dir`: val/ holds classes that train/ lacks: {unknown}")
+    return classes, problems

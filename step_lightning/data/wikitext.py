@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
+from step_lightning.checks import IntAtLeast2, NonEmptyStr, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.data.hf import model_context, tokenizer_fingerprint
 from step_lightning.data.loading import global_seed, stateful_loader
 from step_lightning.files import write_atomically
@@ -218,36 +219,17 @@ class WikiTextDataModule(pl.LightningDataModule):
     def __init__(
         self,
         variant: Variant = "wikitext-2",
-        model_name_or_path: str = "gpt2",
+        model_name_or_path: NonEmptyStr = "gpt2",
         data_dir: str | None = None,
-        block_size: int = 512,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        block_size: IntAtLeast2 = 512,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         cache_dir: str | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-
-        def bad_int(value: Any, low: int) -> bool:
-            return isinstance(value, bool) or not isinstance(value, int) or value < low
-
-        problems = []
-        if variant not in VARIANTS:
-            problems.append(f"`--data.variant` must be one of {list(VARIANTS)}, got {variant!r}")
-        if not isinstance(model_name_or_path, str) or not model_name_or_path:
-            problems.append("`--data.model_name_or_path` must be a Hugging Face model name or a local directory, "
-                            f"got {model_name_or_path!r}")
-        if bad_int(block_size, 2):
-            problems.append(f"`--data.block_size` must be an integer >= 2, got {block_size!r}")
-        if bad_int(batch_size, 1):
-            problems.append(f"`--data.batch_size` must be an integer >= 1, got {batch_size!r}")
-        if eval_batch_size is not None and bad_int(eval_batch_size, 1):
-            problems.append(f"`--data.eval_batch_size` must be an integer >= 1 or null, got {eval_batch_size!r}")
-        if bad_int(num_workers, 0):
-            problems.append(f"`--data.num_workers` must be an integer >= 0, got {num_workers!r}")
-        if problems:
-            raise ValueError("WikiTextDataModule: " + "; ".join(problems) + ".")
+        check_arguments(WikiTextDataModule, locals(), flag="--data.{}")
         self.save_hyperparameters()
         self.variant = variant
         self.model_name_or_path = model_name_or_path

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 from typing_extensions import override
 
+from step_lightning.checks import NonEmptyStr, NonNegativeInt, PositiveInt, check_arguments
 from step_lightning.models.optimization import configure_optimization, parameter_groups
 
 Batch = dict[str, torch.Tensor]
@@ -112,29 +113,16 @@ class CausalLM(pl.LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str = "gpt2",
+        model_name_or_path: NonEmptyStr = "gpt2",
         pretrained: bool = True,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
-        generate_every_n_val: int = 1,
-        prompt: str = "The",
-        max_new_tokens: int = 32,
+        generate_every_n_val: NonNegativeInt = 1,
+        prompt: NonEmptyStr = "The",
+        max_new_tokens: PositiveInt = 32,
     ) -> None:
         super().__init__()
-        problems = []
-        if not isinstance(model_name_or_path, str) or not model_name_or_path:
-            problems.append("`--model.model_name_or_path` must be a Hugging Face model name or a local directory, "
-                            f"got {model_name_or_path!r}")
-        if isinstance(generate_every_n_val, bool) or not isinstance(generate_every_n_val, int) \
-                or generate_every_n_val < 0:
-            problems.append(f"`--model.generate_every_n_val` must be an integer >= 0 (0: never), "
-                            f"got {generate_every_n_val!r}")
-        if not isinstance(prompt, str) or not prompt:
-            problems.append(f"`--model.prompt` must be a non-empty string, got {prompt!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            problems.append(f"`--model.max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}")
-        if problems:
-            raise ValueError("CausalLM: " + "; ".join(problems) + ".")
+        check_arguments(CausalLM, locals(), flag="--model.{}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         # from_pretrained returns the model in eval mode; Lightning keeps submodule modes, so without this
         # training would run with dropout off.

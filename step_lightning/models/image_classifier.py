@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
 from step_lightning.models.components.resnet import cifar_resnet
 from step_lightning.models.components.small_cnn import SmallCNN
 from step_lightning.models.components.vit import small_vit
@@ -77,24 +78,23 @@ class ImageClassifier(pl.LightningModule):
     def __init__(
         self,
         backbone: Backbone = "small_cnn",
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int = 32,
-        width: int | None = None,
-        depth: int | None = None,
-        heads: int | None = None,
-        patch_size: int | None = None,
-        label_smoothing: float = 0.0,
+        num_classes: PositiveInt = 10,
+        in_channels: PositiveInt = 3,
+        image_size: PositiveInt = 32,
+        width: PositiveInt | None = None,
+        depth: PositiveInt | None = None,
+        heads: PositiveInt | None = None,
+        patch_size: PositiveInt | None = None,
+        label_smoothing: ClosedUnitInterval = 0.0,
         channels_last: bool | Literal["auto"] = "auto",
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        check_arguments(ImageClassifier, locals(), flag="--model.{}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = build_backbone(backbone, num_classes, in_channels, image_size, width=width, depth=depth,
                                   heads=heads, patch_size=patch_size)
-        if channels_last not in (True, False, "auto"):
-            raise ValueError(f"`--model.channels_last` must be true, false or 'auto', got {channels_last!r}.")
         self.channels_last_arg = channels_last
         self.channels_last = False
         if channels_last is True:

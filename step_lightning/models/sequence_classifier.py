@@ -14,9 +14,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from step_lightning.data.glue import TASKS, GLUETask
+from step_lightning.checks import PositiveInt, check_arguments
 from step_lightning.models.evaluation import any_updated, updated_on_any_rank
 from step_lightning.models.optimization import configure_optimization, parameter_groups
+from step_lightning.tasks.glue import TASKS, GLUETask
 
 # The headline number of each task (GLUE's leaderboard convention); `val/score` logs it for every task.
 _HEADLINE: dict[str, tuple[str, ...]] = {
@@ -54,6 +55,18 @@ def glue_metrics(task: str) -> nn.ModuleDict:
 def glue_score(task: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The headline number of ``task`` from the values of :func:`glue_metrics` (mean where there are two)."""
     return torch.stack([values[name].float() for name in _HEADLINE.get(task, ("acc",))]).mean()
+
+
+def _label_problems(task: str, num_labels: int, weight_decay_exclude: Sequence[str]) -> list[str]:
+    """``num_labels`` must fit ``task``; ``weight_decay_exclude`` must be a list (a string is a sequence too)."""
+    problems = []
+    if task in TASKS and num_labels != TASKS[task].num_labels:
+        problems.append(f"`--model.num_labels`={num_labels!r} does not fit task {task!r}, which needs "
+                        f"{TASKS[task].num_labels} (linked from `--data.num_labels` by the CLI)")
+    if isinstance(weight_decay_exclude, str):
+        problems.append(f"`--model.weight_decay_exclude` must be a list of name parts, got the string "
+                        f"{weight_decay_exclude!r}; write [{weight_decay_exclude!r}]")
+    return problems
 
 
 class SequenceClassifier(pl.LightningModule):
@@ -103,21 +116,15 @@ class SequenceClassifier(pl.LightningModule):
         self,
         model_name_or_path: str = "bert-base-uncased",
         task: GLUETask = "sst2",
-        num_labels: int = 2,
+        num_labels: PositiveInt = 2,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         weight_decay_exclude: Sequence[str] = ("bias", "norm"),
     ) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"SequenceClassifier: `--model.task` must be one of {list(TASKS)}, got {task!r}.")
+        check_arguments(SequenceClassifier, locals(), flag="--model.{}",
+                        extra=_label_problems(task, num_labels, weight_decay_exclude))
         spec = TASKS[task]
-        if num_labels != spec.num_labels:
-            raise ValueError(f"SequenceClassifier: `--model.num_labels`={num_labels!r} does not fit task {task!r}, "
-                             f"which needs {spec.num_labels} (linked from `--data.num_labels` by the CLI).")
-        if isinstance(weight_decay_exclude, str):
-            raise ValueError(f"SequenceClassifier: `--model.weight_decay_exclude` must be a list of name parts, got "
-                             f"the string {weight_decay_exclude!r}; write [{weight_decay_exclude!r}].")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         from transformers import AutoModelForSequenceClassification
 

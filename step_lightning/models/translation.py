@@ -13,6 +13,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from step_lightning._fairseq2 import batch_layout, import_fairseq2, to_torch_modules
+from step_lightning.checks import (
+    IntAtLeast2,
+    IntAtLeast8,
+    NonNegativeInt,
+    PositiveInt,
+    UnitIntervalOpenRight,
+    check_arguments,
+)
 from step_lightning.files import write_atomically
 from step_lightning.models.evaluation import any_updated, updated_on_any_rank
 from step_lightning.models.optimization import configure_optimization, parameter_groups
@@ -51,6 +59,16 @@ def build_transformer(arch: Arch, num_tokens: int, pad_idx: int = 0, max_positio
     config = nllb.NllbConfig(vocab_size=num_tokens, pad_idx=pad_idx, max_seq_len=max_positions, dropout_p=dropout_p,
                              **ARCHS[arch])
     return to_torch_modules(nllb.create_nllb_model(config))
+
+
+def _shape_problems(pad_idx: int, num_tokens: int, max_gen_len: Any) -> list[str]:
+    """``pad_idx`` must be a token id; ``max_gen_len`` must be ``[a, b]`` (a pair the Python API does not check)."""
+    problems = []
+    if isinstance(pad_idx, int) and isinstance(num_tokens, int) and pad_idx >= num_tokens >= 2:
+        problems.append(f"`--model.pad_idx` must be in [0, num_tokens), got {pad_idx!r}")
+    if len(max_gen_len) != 2:
+        problems.append(f"`--model.max_gen_len` must be [a, b] (a * source length + b), got {max_gen_len!r}")
+    return problems
 
 
 class TranslationModule(pl.LightningModule):
@@ -111,42 +129,23 @@ class TranslationModule(pl.LightningModule):
     def __init__(
         self,
         arch: Arch = "base",
-        num_tokens: int = 32006,
-        pad_idx: int = 0,
-        max_positions: int = 1024,
-        dropout_p: float = 0.1,
-        label_smoothing: float = 0.1,
-        beam_size: int = 4,
+        num_tokens: IntAtLeast2 = 32006,
+        pad_idx: NonNegativeInt = 0,
+        max_positions: IntAtLeast8 = 1024,
+        dropout_p: UnitIntervalOpenRight = 0.1,
+        label_smoothing: UnitIntervalOpenRight = 0.1,
+        beam_size: PositiveInt = 4,
         len_penalty: float = 1.0,
         max_gen_len: tuple[float, int] = (1.0, 50),
-        bleu_every_n_val: int = 1,
-        bleu_max_batches: int | None = None,
+        bleu_every_n_val: NonNegativeInt = 1,
+        bleu_max_batches: PositiveInt | None = None,
         predict_output: str | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if arch not in ARCHS:
-            problems.append(f"`--model.arch` must be one of {list(ARCHS)}, got {arch!r}")
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 2:
-            problems.append(f"`--model.num_tokens` must be an integer >= 2, got {num_tokens!r}")
-        elif not 0 <= pad_idx < num_tokens:
-            problems.append(f"`--model.pad_idx` must be in [0, num_tokens), got {pad_idx!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            problems.append(f"`--model.label_smoothing` must be in [0, 1), got {label_smoothing!r}")
-        if not 0.0 <= dropout_p < 1.0:
-            problems.append(f"`--model.dropout_p` must be in [0, 1), got {dropout_p!r}")
-        for flag, value, low in (("beam_size", beam_size, 1), ("bleu_every_n_val", bleu_every_n_val, 0),
-                                 ("max_positions", max_positions, 8)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                problems.append(f"`--model.{flag}` must be an integer >= {low}, got {value!r}")
-        if bleu_max_batches is not None and (not isinstance(bleu_max_batches, int) or bleu_max_batches < 1):
-            problems.append(f"`--model.bleu_max_batches` must be an integer >= 1 or null, got {bleu_max_batches!r}")
-        if len(max_gen_len) != 2:
-            problems.append(f"`--model.max_gen_len` must be [a, b] (a * source length + b), got {max_gen_len!r}")
-        if problems:
-            raise ValueError("TranslationModule: " + "; ".join(problems) + ".")
+        check_arguments(TranslationModule, locals(), flag="--model.{}",
+                        extra=_shape_problems(pad_idx, num_tokens, max_gen_len))
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = build_transformer(arch, num_tokens, pad_idx, max_positions, dropout_p)
         self.pad_idx = pad_idx

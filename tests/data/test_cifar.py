@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,3 +125,20 @@ def test_bad_arguments_are_reported_together() -> None:
     message = str(err.value)
     for flag in ("--data.dataset", "--data.batch_size", "--data.num_workers", "--data.val_split", "--data.gpu_augment"):
         assert flag in message
+
+
+def test_the_parser_checks_the_constraint_types_and_hands_on_plain_numbers() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(CIFARDataModule, "data")
+    with pytest.raises(Exception, match="batch_size"):
+        parser.parse_args(["--data.batch_size", "0"])
+    config = parser.parse_args(["--data.batch_size", "16", "--data.val_split", "0.25"])
+    dm = parser.instantiate_classes(config).data
+    # A jsonargparse PositiveInt in the hyperparameters would make the checkpoint fail torch.load(weights_only=True).
+    assert type(dm.hparams["batch_size"]) is int and type(dm.hparams["val_split"]) is float
+    buffer = io.BytesIO()
+    torch.save(dict(dm.hparams), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["batch_size"] == 16

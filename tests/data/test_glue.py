@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from step_lightning.data import glue
-from step_lightning.data.glue import TASKS, GLUEDataModule, load_glue_dir, read_glue_tsv
+from step_lightning.data.glue import GLUEDataModule, load_glue_dir, read_glue_tsv
 from step_lightning.data.hf import tokenizer_fingerprint
+from step_lightning.tasks.glue import TASKS
 from tests.hf_tiny import FOLDERS, make_glue, make_tiny_bert, make_tokenizer
 
 # Label names in the order of Hugging Face `datasets`' nyu-mll/glue ClassLabel features (its dataset card).
@@ -101,7 +102,7 @@ def test_tsv_content_errors(tmp_path: Path) -> None:
 
 
 def test_constructor_errors_name_the_flags() -> None:
-    with pytest.raises(ValueError, match=r"`--data.task` must be one of \['cola', 'sst2'.*got 'sst5'"):
+    with pytest.raises(ValueError, match=r"`--data.task` must be one of 'cola', 'sst2'.*got 'sst5'"):
         GLUEDataModule("sst5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`--data.max_length` must be an integer >= 4, got 0") as err:
         GLUEDataModule("sst2", max_length=0, batch_size=0)

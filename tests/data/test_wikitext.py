@@ -145,7 +145,7 @@ def test_argument_errors_are_reported_together() -> None:
         WikiTextDataModule(variant="wikitext-3", block_size=1, batch_size=0, eval_batch_size=-1,  # type: ignore[arg-type]
                            num_workers=-2)
     message = str(err.value)
-    for expected in ("`--data.variant` must be one of ['wikitext-2', 'wikitext-103'], got 'wikitext-3'",
+    for expected in ("`--data.variant` must be one of 'wikitext-2', 'wikitext-103', got 'wikitext-3'",
                      "`--data.block_size` must be an integer >= 2, got 1",
                      "`--data.batch_size` must be an integer >= 1, got 0",
                      "`--data.eval_batch_size` must be an integer >= 1 or null, got -1",

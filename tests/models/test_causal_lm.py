@@ -210,7 +210,7 @@ def test_checkpoint_round_trip_keeps_the_tied_head(tmp_path: Path, lm_dirs: dict
 def test_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         CausalLM(str(tmp_path), generate_every_n_val=-1, prompt="", max_new_tokens=0)
-    for expected in ("`--model.generate_every_n_val` must be an integer >= 0 (0: never), got -1",
+    for expected in ("`--model.generate_every_n_val` must be an integer >= 0, got -1",
                      "`--model.prompt` must be a non-empty string, got ''",
                      "`--model.max_new_tokens` must be an integer >= 1, got 0"):
         assert expected in str(err.value)

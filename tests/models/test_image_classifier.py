@@ -12,6 +12,7 @@ import torch
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse
 from step_lightning.data import CIFARDataModule
 from step_lightning.models import ImageClassifier
+from step_lightning.models.image_classifier import build_backbone
 from tests.conftest import tiny_trainer
 
 RECIPES: dict[str, Any] = {
@@ -109,7 +110,11 @@ def test_warmup_cosine_schedule_follows_the_trainer(tmp_path: Path, tiny_cifar: 
 def test_backbone_errors() -> None:
     with pytest.raises(ValueError, match=r"`--model.width`=64 does not apply to backbone 'resnet18'"):
         ImageClassifier("resnet18", width=64)
-    with pytest.raises(ValueError, match=r"`--model.backbone`='resnet34' is not available"):
+    with pytest.raises(ValueError, match=r"`--model.backbone` must be one of 'small_cnn', .*got 'resnet34'"):
         ImageClassifier("resnet34")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`--model.backbone`='resnet34' is not available"):
+        build_backbone("resnet34", 10, 3, 32)
+    with pytest.raises(ValueError, match=r"`--model.channels_last` must be true or false or one of 'auto', got 'yes'"):
+        ImageClassifier(channels_last="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image size 30 is not a multiple of the patch size 4"):
         ImageClassifier("vit", image_size=30)

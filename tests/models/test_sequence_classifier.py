@@ -13,8 +13,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse
-from step_lightning.data.glue import TASKS, GLUEDataModule
+from step_lightning.data.glue import GLUEDataModule
 from step_lightning.models.sequence_classifier import SequenceClassifier
+from step_lightning.tasks.glue import TASKS
 from tests.conftest import tiny_trainer
 from tests.hf_tiny import make_glue, make_tiny_bert
 
@@ -121,7 +122,7 @@ def test_model_head_and_weight_decay_groups(tiny_bert: Path) -> None:
 
 
 def test_errors_name_the_flags(tiny_bert: Path) -> None:
-    with pytest.raises(ValueError, match=r"`--model.task` must be one of \['cola', .*got 'squad'"):
+    with pytest.raises(ValueError, match=r"`--model.task` must be one of 'cola', .*got 'squad'"):
         SequenceClassifier(str(tiny_bert), "squad", 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`--model.num_labels`=2 does not fit task 'mnli', which needs 3"):
         SequenceClassifier(str(tiny_bert), "mnli", 2)
