@@ -42,7 +42,7 @@ from typing_extensions import override
 from step_lightning.callbacks.arguments import select_or_explain, target_problems
 from step_lightning.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossWatch
 from step_lightning.callbacks.ranks import check_rank_agreement
-from step_lightning.checks import IntAtLeast2, NonNegativeInt, PositiveInt, check_arguments
+from step_lightning.checks import IntAtLeast2, NonNegativeInt, PositiveInt, argument_problems, raise_problems
 from step_lightning.sparsity import MaskedWeights, SparseTarget
 
 __all__ = ["NMSparsityCallback", "NonFiniteLoss", "recipe_classes"]
@@ -109,7 +109,9 @@ class NMSparsityCallback(Callback, ABC):
         per_layer_log_interval: NonNegativeInt = 10,
         on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
-        check_arguments(NMSparsityCallback, locals(), extra=target_problems(n, m, include, exclude))
+        # Named after the recipe being built: SR-STE forwards these arguments here unchecked (**kwargs).
+        raise_problems(type(self).__name__, [*argument_problems(NMSparsityCallback.__init__, locals()),
+                                             *target_problems(n, m, include, exclude)])
         # Plain ints: the parser hands over its constraint types, which a `weights_only` checkpoint load rejects.
         self.n = int(n)
         self.m = int(m)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 from typing_extensions import override
 
-from step_lightning.callbacks.arguments import target_problems
-from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
-from step_lightning.checks import IntAtLeast2, NonNegativeFloat, NonNegativeInt, PositiveInt, check_arguments
+from step_lightning.callbacks.base import NMSparsityCallback
+from step_lightning.checks import IntAtLeast2, NonNegativeFloat, PositiveInt, check_arguments
 
 
 class SRSTECallback(NMSparsityCallback):
@@ -24,12 +23,8 @@ class SRSTECallback(NMSparsityCallback):
         n: weights kept in every group of ``m`` (N of "N:M").
         m: group size along the reduction axis.
         sr_ste_decay: ``lambda_w`` of the SR-STE term (reference 2e-4); ``0`` gives plain STE.
-        include: regexes on parameter names; when given, exactly the matching weights are masked.
-        exclude: regexes on parameter names that are never masked.
-        mask_update_interval: optimizer steps between mask updates (reference: 1).
-        per_layer_log_interval: per-layer logging on every this many trainer logging steps (0: off).
-        on_nonfinite_loss: ``"warn"`` (default) or ``"raise"`` on a NaN/inf training loss; the message names
-            the optimizer step and the phase.
+        **kwargs: the shared arguments of :class:`NMSparsityCallback` (``include``, ``exclude``,
+            ``mask_update_interval`` (reference: 1), ``per_layer_log_interval``, ``on_nonfinite_loss``).
 
     Raises:
         ValueError: invalid arguments (at construction), or (at setup) no maskable weight.
@@ -42,19 +37,10 @@ class SRSTECallback(NMSparsityCallback):
               init_args: {n: 2, m: 4, sr_ste_decay: 2.0e-4}
     """
 
-    def __init__(
-        self,
-        n: PositiveInt = 2,
-        m: IntAtLeast2 = 4,
-        sr_ste_decay: NonNegativeFloat = 2e-4,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        mask_update_interval: PositiveInt = 1,
-        per_layer_log_interval: NonNegativeInt = 10,
-        on_nonfinite_loss: NonFiniteLoss = "warn",
-    ) -> None:
-        check_arguments(SRSTECallback, locals(), extra=target_problems(n, m, include, exclude))
-        super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval, on_nonfinite_loss)
+    def __init__(self, n: PositiveInt = 2, m: IntAtLeast2 = 4, sr_ste_decay: NonNegativeFloat = 2e-4,
+                 **kwargs: Any) -> None:
+        check_arguments(SRSTECallback, locals())
+        super().__init__(n, m, **kwargs)  # checks the shared arguments and the N:M ratio
         self.sr_ste_decay = float(sr_ste_decay)
 
     @property

@@ -344,7 +344,8 @@ def test_manual_optimization_is_refused(tmp_path: Path) -> None:
         (lambda: STEPCallback(sr_ste_decay=-1.0), r"`sr_ste_decay` must be a number >= 0"),
         (lambda: SRSTECallback(sr_ste_decay=-2e-4), r"SRSTECallback: `sr_ste_decay` must be a number >= 0"),
         (lambda: SRSTECallback(mask_update_interval=0), r"`mask_update_interval` must be an integer >= 1"),
-        (lambda: SRSTECallback(per_layer_log_interval=-1), r"`per_layer_log_interval` must be an integer >= 0"),
+        (lambda: SRSTECallback(per_layer_log_interval=-1), r"SRSTECallback: `per_layer_log_interval` must be an "
+                                                          r"integer >= 0"),
         (lambda: ASPCallback(prune_at=-1), r"`prune_at` must be an integer >= 0 or a number in \(0, 1\), got -1"),
         (lambda: ASPCallback(prune_at=1.5), r"`prune_at` must be .*, got 1.5"),
         (lambda: ASPCallback(n=3, m=2), r"ASPCallback: `n`:`m` = 3:2 is not a valid N:M ratio"),

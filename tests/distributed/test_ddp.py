@@ -305,7 +305,8 @@ def test_loss_of_an_fp16_step_the_scaler_skipped_is_not_reported(tmp_path: Path)
 
 
 def test_on_nonfinite_loss_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"STEPCallback: `on_nonfinite_loss` must be one of 'raise', 'warn', got 'stop'"):
+    with pytest.raises(ValueError, match=r"STEPCallback: `on_nonfinite_loss` must be one of 'raise', 'warn', got "
+                                         r"'stop'"):
         STEPCallback(on_nonfinite_loss="stop")  # type: ignore[arg-type]
 
 
