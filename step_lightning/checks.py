@@ -122,9 +122,18 @@ def _accepts(kind: Any, value: Any) -> bool | None:
         verdicts = [_accepts(option, value) for option in typing.get_args(kind)]
         if any(verdicts):
             return True
-        return None if any(v is None for v in verdicts) else False  # an unconstrained option may accept it
+        # An option whose constraint is not checked here (`Sequence[str]`) might accept the value.
+        return None if any(v is None for v in verdicts) else False
     if kind is type(None):
         return value is None
+    if origin is tuple:  # a fixed-length tuple, e.g. Adam's `betas`; YAML gives a list
+        items = _tuple_items(kind, value)
+        if items is None:
+            return False
+        verdicts = [_accepts(item, v) for item, v in zip(items, value, strict=True)]
+        if any(verdict is False for verdict in verdicts):
+            return False
+        return None if all(verdict is None for verdict in verdicts) else True
     if kind is bool:
         return isinstance(value, bool)
     if kind in _DESCRIPTIONS and issubclass(kind, str):
@@ -145,10 +154,28 @@ def _accepts(kind: Any, value: Any) -> bool | None:
     return None
 
 
+def _tuple_items(kind: Any, value: Any) -> tuple[Any, ...] | None:
+    """The item types of ``tuple[...]`` matched to ``value``'s items; ``None`` if ``value`` cannot be one."""
+    if not isinstance(value, (tuple, list)):
+        return None
+    args = typing.get_args(kind)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return (args[0],) * len(value)
+    return args if len(args) == len(value) else None
+
+
 def _describe(kind: Any) -> str:
     origin = typing.get_origin(kind)
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each item {_describe(args[0])}"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} items, each {_describe(args[0])}"
+        return f"a list of {len(args)} items: " + ", ".join(_describe(arg) for arg in args)
     if origin is Literal:
-        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(kind))
+        choices = typing.get_args(kind)
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(repr(choice) for choice in choices)
     if origin in (Union, types.UnionType):
         parts = [_describe(option) for option in typing.get_args(kind) if option is not type(None)]
         none = type(None) in typing.get_args(kind)

@@ -160,7 +160,7 @@ def load_for_export(ckpt_path: str | Path) -> tuple[pl.LightningModule, NMSparsi
                          "step_lightning.export.export_model(model, recipe, output).") from None
     include = [f"^{re.escape(name)}$" for name in state["targets"]]
     recipe = cls(n=state["n"], m=state["m"], include=include)
-    recipe._setup_targets(model)
+    recipe.attach(model)
     recipe.load_state_dict(state)
     return model, recipe
 

@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss, resolve_step
+from step_lightning.callbacks.arguments import resolve_step, target_problems
+from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
+from step_lightning.checks import IntAtLeast2, NonNegativeInt, OpenUnitInterval, PositiveInt, check_arguments
 
 
 class ASPCallback(NMSparsityCallback):
@@ -43,19 +45,16 @@ class ASPCallback(NMSparsityCallback):
 
     def __init__(
         self,
-        n: int = 2,
-        m: int = 4,
-        prune_at: int | float = 0,
+        n: PositiveInt = 2,
+        m: IntAtLeast2 = 4,
+        prune_at: NonNegativeInt | OpenUnitInterval = 0,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        per_layer_log_interval: int = 10,
+        per_layer_log_interval: NonNegativeInt = 10,
         on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
+        check_arguments(ASPCallback, locals(), extra=target_problems(n, m, include, exclude))
         super().__init__(n, m, include, exclude, 1, per_layer_log_interval, on_nonfinite_loss)
-        if isinstance(prune_at, float):
-            resolve_step(prune_at, 1, "prune_at")  # checks the range now
-        else:
-            resolve_step(prune_at, 0, "prune_at")
         self.prune_at = prune_at
         self.prune_step: int | None = None
         self._pruned = False
@@ -65,13 +64,10 @@ class ASPCallback(NMSparsityCallback):
     def masks_active(self) -> bool:
         return self._pruned
 
-    @property
-    @override
-    def dynamic_masks(self) -> bool:
-        return False
+    dynamic_masks = False  # the mask is computed once, at pruning
 
     @override
-    def _on_train_start(self, trainer: pl.Trainer) -> None:
+    def _prepare_run(self, trainer: pl.Trainer) -> None:
         total = trainer.estimated_stepping_batches
         if self.prune_step is None:
             self.prune_step = resolve_step(self.prune_at, total, "prune_at")
@@ -81,7 +77,7 @@ class ASPCallback(NMSparsityCallback):
         self._maybe_prune()
 
     def _maybe_prune(self) -> None:
-        engine = self._engine
+        engine = self.masked_weights
         assert engine is not None and self.prune_step is not None
         if self._pruned or self._opt_steps < self.prune_step:
             return
@@ -94,22 +90,23 @@ class ASPCallback(NMSparsityCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._pruned:
-            assert self._engine is not None
-            self._engine.mask_grads_()
+            assert self.masked_weights is not None
+            self.masked_weights.mask_grads_()
 
     @override
-    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _after_optimizer_step(self, trainer: pl.Trainer) -> None:
         if self._pruned:
-            assert self._engine is not None
-            self._engine.mask_weights_()
+            assert self.masked_weights is not None
+            self.masked_weights.mask_weights_()
         else:
             self._maybe_prune()
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        return {"prune_step": self.prune_step, "pruned": self._pruned}
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "prune_step": self.prune_step, "pruned": self._pruned}
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.prune_step = state["prune_step"]
         self._pruned = state["pruned"]

@@ -9,8 +9,18 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss, resolve_step
-from step_lightning.optim import STATISTICS, AutoSwitch, Statistic, StepAdamW
+from step_lightning.callbacks.arguments import resolve_step, target_problems
+from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
+from step_lightning.checks import (
+    IntAtLeast2,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    check_arguments,
+)
+from step_lightning.optim import AutoSwitch, Statistic, StepAdamW
 
 Phase = Literal["precondition", "mask_learning"]
 
@@ -88,54 +98,28 @@ class STEPCallback(NMSparsityCallback):
               init_args: {n: 2, m: 4, switch: auto, autoswitch_t_max: 0.5}
     """
 
-    phase_names = ("precondition", "mask_learning")
-
     def __init__(
         self,
-        n: int = 2,
-        m: int = 4,
-        switch: Literal["auto"] | int | float = "auto",
+        n: PositiveInt = 2,
+        m: IntAtLeast2 = 4,
+        switch: Literal["auto"] | PositiveInt | OpenUnitInterval = "auto",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        sr_ste_decay: float = 0.0,
-        autoswitch_threshold: float = 1e-8,
+        sr_ste_decay: NonNegativeFloat = 0.0,
+        autoswitch_threshold: PositiveFloat = 1e-8,
         autoswitch_statistic: Statistic = "reference",
-        autoswitch_window: int | None = None,
-        autoswitch_t_min: int | float | None = None,
-        autoswitch_t_max: int | float = 0.5,
-        autoswitch_check_every: int = 10,
-        mask_update_interval: int = 1,
-        per_layer_log_interval: int = 10,
+        autoswitch_window: PositiveInt | None = None,
+        autoswitch_t_min: NonNegativeInt | OpenUnitInterval | None = None,
+        autoswitch_t_max: PositiveInt | OpenUnitInterval = 0.5,
+        autoswitch_check_every: PositiveInt = 10,
+        mask_update_interval: PositiveInt = 1,
+        per_layer_log_interval: NonNegativeInt = 10,
         on_nonfinite_loss: NonFiniteLoss = "warn",
     ) -> None:
+        check_arguments(STEPCallback, locals(), extra=target_problems(n, m, include, exclude))
         super().__init__(n, m, include, exclude, mask_update_interval, per_layer_log_interval, on_nonfinite_loss)
-        problems = []
-        if switch != "auto":
-            try:
-                resolve_step(switch, 1, "switch", allow_zero=False)  # type: ignore[arg-type]
-            except ValueError as err:
-                problems.append(str(err).rstrip(".") + '; or "auto" for AutoSwitch')
-        if isinstance(sr_ste_decay, bool) or not isinstance(sr_ste_decay, (int, float)) or sr_ste_decay < 0:
-            problems.append(f"`sr_ste_decay` must be a number >= 0, got {sr_ste_decay!r}")
-        if autoswitch_statistic not in STATISTICS:
-            problems.append(f"`autoswitch_statistic` must be one of {list(STATISTICS)}, got {autoswitch_statistic!r}")
-        for arg, value in (("autoswitch_t_min", autoswitch_t_min), ("autoswitch_t_max", autoswitch_t_max)):
-            if value is not None:
-                try:
-                    resolve_step(value, 1, arg, allow_zero=arg == "autoswitch_t_min")
-                except ValueError as err:
-                    problems.append(str(err).rstrip("."))
-        if switch == "auto" and autoswitch_t_max is None:
-            problems.append("`autoswitch_t_max` is required with switch='auto' (otherwise a run whose statistic "
-                            "never falls below the threshold stays dense forever)")
-        if problems:
-            raise ValueError("STEPCallback: " + "; ".join(problems) + ".")
-        if switch == "auto":
-            # Check the remaining AutoSwitch arguments now, with placeholder steps.
-            AutoSwitch(autoswitch_threshold, autoswitch_window, 0, 1, autoswitch_statistic,
-                       check_every=autoswitch_check_every)
         self.switch = switch
-        self.sr_ste = float(sr_ste_decay)
+        self.sr_ste_decay = float(sr_ste_decay)
         self.autoswitch_threshold = autoswitch_threshold
         self.autoswitch_statistic = autoswitch_statistic
         self.autoswitch_window = autoswitch_window
@@ -152,6 +136,7 @@ class STEPCallback(NMSparsityCallback):
 
     # ----------------------------------------------------------------------------------------------
     @property
+    @override
     def phase(self) -> Phase:
         """``"precondition"`` (dense AdamW) until the switch, then ``"mask_learning"``."""
         return self._phase
@@ -165,11 +150,6 @@ class STEPCallback(NMSparsityCallback):
     @override
     def masks_active(self) -> bool:
         return self._phase == "mask_learning"
-
-    @property
-    @override
-    def sr_ste_decay(self) -> float:
-        return self.sr_ste
 
     # ----------------------------------------------------------------------------------------------
     @override
@@ -188,21 +168,21 @@ class STEPCallback(NMSparsityCallback):
         self._optimizer = owners[0]
 
     @override
-    def _on_train_start(self, trainer: pl.Trainer) -> None:
+    def _prepare_run(self, trainer: pl.Trainer) -> None:
         assert self._optimizer is not None
         total = trainer.estimated_stepping_batches
         if self.switch != "auto":
-            self._fixed_switch = resolve_step(self.switch, total, "switch", allow_zero=False)  # type: ignore[arg-type]
+            self._fixed_switch = resolve_step(self.switch, total, "switch")  # type: ignore[arg-type]
             if self._phase == "precondition" and self._fixed_switch >= total:
                 rank_zero_warn(f"STEPCallback: `switch`={self.switch} is at or after the run's last optimizer step "
                                f"({total}): this run stays dense and never learns N:M masks.")
         elif self.autoswitch is None:
             beta2 = self._optimizer.param_groups[0]["betas"][1]
-            t_max = resolve_step(self.autoswitch_t_max, total, "autoswitch_t_max", allow_zero=False)
+            t_max = resolve_step(self.autoswitch_t_max, total, "autoswitch_t_max")
             t_min = None if self.autoswitch_t_min is None else resolve_step(self.autoswitch_t_min, total,
                                                                             "autoswitch_t_min")
-            self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max,
-                                         self.autoswitch_statistic, beta2=beta2,
+            self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max=t_max,
+                                         statistic=self.autoswitch_statistic, beta2=beta2,
                                          check_every=self.autoswitch_check_every)
             if self._restored_autoswitch is not None:
                 self.autoswitch.load_state_dict(self._restored_autoswitch)
@@ -235,7 +215,7 @@ class STEPCallback(NMSparsityCallback):
                              "state.")
 
     @override
-    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _after_optimizer_step(self, trainer: pl.Trainer) -> None:
         if self._phase != "precondition":
             return
         assert self._optimizer is not None
@@ -276,7 +256,7 @@ class STEPCallback(NMSparsityCallback):
                        f"{len(self.targets)} weights now {self.n}:{self.m} with a frozen second moment.")
 
     @override
-    def _extra_metrics(self) -> dict[str, Any]:
+    def _recipe_metrics(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if self.autoswitch is not None:
             metrics["sparsity/autoswitch_threshold"] = self.autoswitch.threshold
@@ -295,19 +275,21 @@ class STEPCallback(NMSparsityCallback):
         return metrics
 
     @override
-    def _rank_scalars(self) -> dict[str, int | None]:
-        return {**super()._rank_scalars(), "switch step": self._switch_step}
+    def _rank_agreement_scalars(self) -> dict[str, int | None]:
+        return {**super()._rank_agreement_scalars(), "switch step": self._switch_step}
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "phase": self._phase,
             "switch_step": self._switch_step,
             "autoswitch": self.autoswitch.state_dict() if self.autoswitch is not None else self._restored_autoswitch,
         }
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self._phase = state["phase"]
         self._switch_step = state["switch_step"]
         if state["autoswitch"] is not None:

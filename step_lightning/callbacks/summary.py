@@ -20,7 +20,7 @@ def recipe_of(trainer: pl.Trainer) -> NMSparsityCallback | None:
 
 def layer_table(recipe: NMSparsityCallback) -> str:
     """Markdown table: masked weight, shape, N:M, kept fraction, flip rate at the last tracked mask update."""
-    engine = recipe._engine
+    engine = recipe.masked_weights
     if engine is None:
         return ""
     kept = (engine.kept() / engine.sizes(engine.params[0].device)).tolist()

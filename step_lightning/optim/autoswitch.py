@@ -1,15 +1,17 @@
-"""AutoSwitch: decide when Adam's second moment has settled (STEP.md section 4)."""
+"""AutoSwitch: decide when Adam's second moment has settled (STEP, Lu et al., ICML 2023, arXiv 2302.01172)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from step_lightning.checks import NonNegativeInt, PositiveFloat, PositiveInt, UnitIntervalOpenRight, check_arguments
+
 Statistic = Literal["reference", "relative"]
-STATISTICS: tuple[str, ...] = ("reference", "relative")
+STATISTICS: tuple[str, ...] = get_args(Statistic)
 
 
 class AutoSwitch:
@@ -29,6 +31,9 @@ class AutoSwitch:
     ``(step, window mean)`` to :attr:`history` (from the first check on, ``t_min`` or not), the curve
     to plot against the threshold.
 
+    Raises:
+        ValueError: an argument out of its range (all of them named at once).
+
     Args:
         threshold: the switch threshold on the window mean. Reference: Adam's ``eps`` (1e-8) for the
             ``"reference"`` statistic. The statistic scales with the gradients (loss scaling, width), so
@@ -36,7 +41,7 @@ class AutoSwitch:
         window: number of samples averaged; ``None`` means ``1 / (1 - beta2)`` (1000 for 0.999).
         t_min: never switch on the statistic at or before this step; ``None`` means ``window`` (the
             window must be full before its mean is trusted).
-        t_max: switch unconditionally once ``t > t_max``. Required: a STEP run always ends its dense
+        t_max: switch unconditionally once ``t > t_max``. Required (keyword-only): a STEP run always ends its dense
             phase (:class:`~step_lightning.STEPCallback` defaults it to a fraction of the run).
         statistic: which statistic the caller feeds: ``"reference"`` (``mean |v_t - v_{t-1}|``) or
             ``"relative"`` (the same divided by ``mean v_t``, scale-free). Recorded here so that the
@@ -55,40 +60,23 @@ class AutoSwitch:
 
     def __init__(
         self,
-        threshold: float = 1e-8,
-        window: int | None = None,
-        t_min: int | None = None,
-        t_max: int | None = None,
+        threshold: PositiveFloat = 1e-8,
+        window: PositiveInt | None = None,
+        t_min: NonNegativeInt | None = None,
+        *,
+        t_max: PositiveInt,
         statistic: Statistic = "reference",
-        beta2: float = 0.999,
-        check_every: int = 1,
+        beta2: UnitIntervalOpenRight = 0.999,
+        check_every: PositiveInt = 1,
     ) -> None:
-        problems = []
-        if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-            problems.append(f"`threshold` must be a finite number > 0, got {threshold!r}")
-        if not 0.0 <= beta2 < 1.0:
-            problems.append(f"`beta2` must be in [0, 1), got {beta2!r}")
-        if window is None and 0.0 <= beta2 < 1.0:
-            window = max(1, round(1.0 / (1.0 - beta2)))
-        if not (isinstance(window, int) and window >= 1):
-            problems.append(f"`window` must be an integer >= 1 or None (1 / (1 - beta2)), got {window!r}")
-        if t_min is not None and not (isinstance(t_min, int) and t_min >= 0):
-            problems.append(f"`t_min` must be an integer >= 0 or None (= window), got {t_min!r}")
-        if t_max is None or not (isinstance(t_max, int) and t_max >= 1):
-            problems.append(f"`t_max` must be an integer >= 1 (the step by which the switch happens at the "
-                            f"latest), got {t_max!r}")
-        if statistic not in STATISTICS:
-            problems.append(f"`statistic` must be one of {list(STATISTICS)}, got {statistic!r}")
-        if not (isinstance(check_every, int) and check_every >= 1):
-            problems.append(f"`check_every` must be an integer >= 1, got {check_every!r}")
-        if problems:
-            raise ValueError("AutoSwitch: " + "; ".join(problems) + ".")
+        check_arguments(AutoSwitch, locals())
         self.threshold = float(threshold)
-        self.window: int = window  # type: ignore[assignment]
-        self.t_min: int = self.window if t_min is None else t_min
-        self.t_max: int = t_max  # type: ignore[assignment]
+        # Plain numbers: they go into `state_dict`, and a `weights_only` checkpoint load rejects the parser's types.
+        self.window: int = max(1, round(1.0 / (1.0 - beta2))) if window is None else int(window)
+        self.t_min: int = self.window if t_min is None else int(t_min)
+        self.t_max: int = int(t_max)
         self.statistic = statistic
-        self.check_every = check_every
+        self.check_every = int(check_every)
         self.t = 0
         self.switch_step: int | None = None
         self.switched_by: Literal["threshold", "t_max", "rank0"] | None = None

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from step_lightning.checks import ClosedUnitInterval, PositiveInt, UnitIntervalOpenRight, check_arguments
+
 Decay = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 
 
@@ -39,25 +41,17 @@ class WarmupDecayLR(LRScheduler):
               init_args: {warmup: 0.1, decay: linear}
     """
 
-    def __init__(self, optimizer: Optimizer, warmup: float = 0.0, decay: Decay = "cosine",
-                 total_steps: int | None = None, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
-        problems = []
-        if isinstance(warmup, bool) or not (0 <= warmup < 1 or (float(warmup).is_integer() and warmup >= 1)):
-            problems.append(f"`warmup` must be a fraction in [0, 1) or a whole number of steps >= 1, got {warmup!r}")
-        if decay not in ("cosine", "linear", "constant", "inverse_sqrt"):
-            problems.append(f"`decay` must be one of 'cosine', 'linear', 'constant', 'inverse_sqrt', got {decay!r}")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            problems.append(f"`total_steps` must be an int >= 1 or None (the run's length), got {total_steps!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            problems.append(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}")
-        if decay == "inverse_sqrt" and warmup == 0:
-            problems.append("`decay`='inverse_sqrt' needs `warmup` > 0 (the decay is sqrt(warmup / step))")
-        if problems:
-            raise ValueError("WarmupDecayLR: " + "; ".join(problems) + ".")
-        self.warmup = warmup
+    def __init__(self, optimizer: Optimizer, warmup: UnitIntervalOpenRight | PositiveInt = 0.0,
+                 decay: Decay = "cosine", total_steps: PositiveInt | None = None,
+                 min_lr_ratio: ClosedUnitInterval = 0.0, last_epoch: int = -1) -> None:
+        cross = ["`decay`='inverse_sqrt' needs `warmup` > 0 (the decay is sqrt(warmup / step))"] \
+            if decay == "inverse_sqrt" and warmup == 0 else []
+        check_arguments(WarmupDecayLR, locals(), extra=cross)
+        # Plain numbers: the scheduler's state_dict (its __dict__) goes into checkpoints.
+        self.warmup: int | float = int(warmup) if isinstance(warmup, int) else float(warmup)
         self.decay = decay
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.min_lr_ratio = float(min_lr_ratio)
         self.total_from_trainer = False  # set by the LightningModule when it fills in total_steps
         super().__init__(optimizer, last_epoch)
 

@@ -1,4 +1,4 @@
-"""StepAdamW: Adam(W) whose second moment can be frozen per parameter (STEP, STEP.md section 3)."""
+"""StepAdamW: Adam(W) whose second moment can be frozen per parameter (STEP, Lu et al., ICML 2023, arXiv 2302.01172)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-
-def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                   frozen_eps: float | None) -> None:
-    problems = []
-    if not isinstance(lr, (int, float)) or lr < 0:
-        problems.append(f"`lr` must be a number >= 0, got {lr!r}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        problems.append(f"`betas` must be two numbers in [0, 1), got {betas!r}")
-    if not eps > 0:
-        problems.append(f"`eps` must be > 0, got {eps!r}")
-    if not weight_decay >= 0:
-        problems.append(f"`weight_decay` must be >= 0, got {weight_decay!r}")
-    if frozen_eps is not None and not frozen_eps > 0:
-        problems.append(f"`frozen_eps` must be > 0 or None (meaning eps ** 0.75), got {frozen_eps!r}")
-    if problems:
-        raise ValueError("StepAdamW: " + "; ".join(problems) + ".")
+from step_lightning.checks import NonNegativeFloat, PositiveFloat, UnitIntervalOpenRight, check_arguments
 
 
 class StepAdamW(Optimizer):
@@ -32,7 +17,7 @@ class StepAdamW(Optimizer):
 
     Until :meth:`freeze_second_moment` is called it is ``torch.optim.AdamW`` (same update, same
     ``foreach`` arithmetic, same state names; ``weight_decay=0`` gives Adam). For a frozen parameter
-    the second moment stops updating and acts as a fixed preconditioner (STEP.md section 3)::
+    the second moment stops updating and acts as a fixed preconditioner (the STEP paper's phase 2)::
 
         m = beta1 * m + (1 - beta1) * g          # continues, never reset
         w = w * (1 - lr * weight_decay)
@@ -71,16 +56,18 @@ class StepAdamW(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        frozen_eps: float | None = None,
+        lr: NonNegativeFloat = 1e-3,
+        betas: tuple[UnitIntervalOpenRight, UnitIntervalOpenRight] = (0.9, 0.999),
+        eps: PositiveFloat = 1e-8,
+        weight_decay: NonNegativeFloat = 1e-2,
+        frozen_eps: PositiveFloat | None = None,
         frozen_bias_correction: bool = False,
     ) -> None:
-        betas = tuple(betas)  # YAML gives lists
-        _check_hparams(lr, betas, eps, weight_decay, frozen_eps)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, frozen_eps=frozen_eps,
+        check_arguments(StepAdamW, locals())
+        # Plain floats in a tuple (YAML gives lists, the parser its constraint types): the param groups go into
+        # checkpoints, which a `weights_only` load must read.
+        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+                        weight_decay=float(weight_decay), frozen_eps=None if frozen_eps is None else float(frozen_eps),
                         frozen_bias_correction=frozen_bias_correction)
         super().__init__(params, defaults)
         self._watched: set[int] = set()

@@ -89,6 +89,23 @@ class MaskedWeights:
             return self.sizes(self.params[0].device)
         return torch.stack([mask.sum() for mask in self.masks])
 
+    def stats(self, masked: bool = True, flips: Tensor | None = None, per_layer: bool = False) -> dict[str, Tensor]:
+        """Device scalars to log, no host sync: ``density`` (kept fraction of all masked entries) and, given
+        ``flips`` (entries flipped per layer, from :meth:`update_masks`), ``flip_rate``; with ``per_layer``
+        also ``layers/<name>/kept`` and ``layers/<name>/flip_rate``. ``masked=False``: the model is dense
+        now, every entry counts as kept."""
+        sizes = self.sizes(self.params[0].device)
+        kept = self.kept() if masked else sizes
+        stats = {"density": kept.sum() / sizes.sum()}
+        if flips is not None:
+            stats["flip_rate"] = flips.sum() / sizes.sum()
+        if per_layer:
+            for i, name in enumerate(self.names):
+                stats[f"layers/{name}/kept"] = kept[i] / sizes[i]
+                if flips is not None:
+                    stats[f"layers/{name}/flip_rate"] = flips[i] / sizes[i]
+        return stats
+
     def set_masks(self, masks: Sequence[Tensor]) -> None:
         """Install given masks (e.g. from a checkpoint), moved to each parameter's device."""
         if len(masks) != len(self.params):

@@ -37,15 +37,25 @@ _LUT_CACHE: dict[tuple[int, int, torch.device], Tensor] = {}
 _CPU_SLICE = 1 << 19
 
 
+def nm_ratio_problems(n: int, m: int) -> list[str]:
+    """The rule across ``n`` and ``m`` (``0 < n < m``) as messages; empty if it holds or if either is no integer.
+
+    For constructors whose signature already types ``n`` and ``m`` (``PositiveInt``, ``IntAtLeast2``): the
+    rule the types cannot express, reported with the other problems of the call.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        return []
+    if m >= 2 and 0 < n < m:
+        return []
+    return [f"`n`:`m` = {n}:{m} is not a valid N:M ratio (N kept of every M): need 0 < n < m, e.g. 2:4, 1:4, 1:8, 4:8"]
+
+
 def check_nm(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``n`` and ``m`` describe a valid N:M ratio (``0 < n < m``)."""
     if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
         raise ValueError(f"`n` and `m` must be integers with 0 < n < m, got n={n!r}, m={m!r}.")
-    if m < 2 or not 0 < n < m:
-        raise ValueError(
-            f"`n`:`m` = {n}:{m} is not a valid N:M ratio (N kept of every M): need 0 < n < m, "
-            "e.g. 2:4, 1:4, 1:8, 4:8."
-        )
+    for problem in nm_ratio_problems(n, m):
+        raise ValueError(problem + ".")
 
 
 def check_layout(layout: str) -> None:

@@ -1,6 +1,6 @@
 """Which parameters of a model get N:M masks.
 
-Default rule (STEP.md section 1): every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging Face ``Conv1D``
+Default rule: every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging Face ``Conv1D``
 weight, and the packed Q/K/V input projection of ``nn.MultiheadAttention`` (``in_proj_weight``, or
 ``q/k/v_proj_weight``; an ``(out, in)`` Linear weight), whose reduction size divides by ``m``, except
 

@@ -81,15 +81,25 @@ def test_step_switch_as_fraction(tmp_path: Path) -> None:
     assert cb.switch_step == 3
 
 
-def test_whole_float_steps_are_steps(tmp_path: Path) -> None:
-    # jsonargparse can hand a YAML `4000` for an `int | float` argument over as 4000.0: it is a step, not an error.
-    cb = STEPCallback(switch=5.0, autoswitch_t_min=4000.0)
+def test_the_parser_keeps_whole_steps_as_ints_and_fractions_as_floats(tmp_path: Path) -> None:
+    # The step-valued arguments are `PositiveInt | OpenUnitInterval`-style unions: a YAML `4000` stays a step.
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(STEPCallback, "recipe")
+    parsed = parser.parse_args(["--recipe.switch=5", "--recipe.autoswitch_t_min=4000", "--recipe.autoswitch_t_max=0.5"])
+    assert (parsed.recipe.switch, parsed.recipe.autoswitch_t_min) == (5, 4000)
+    assert all(isinstance(v, int) for v in (parsed.recipe.switch, parsed.recipe.autoswitch_t_min))
+    assert parsed.recipe.autoswitch_t_max == 0.5
+    for bad in ("--recipe.switch=1.5", "--recipe.switch=0", "--recipe.sr_ste_decay=-1"):
+        with pytest.raises(jsonargparse.ArgumentError):
+            parser.parse_args([bad])
+    cb = STEPCallback(**{k: v for k, v in vars(parsed.recipe).items() if k in ("switch", "autoswitch_t_min")})
     fit(tmp_path, cb, max_steps=8)
     assert cb.switch_step == 5
 
 
 def test_srste_masks_from_the_first_step(tmp_path: Path) -> None:
-    cb = SRSTECallback(decay=2e-4)
+    cb = SRSTECallback(sr_ste_decay=2e-4)
     model = fit(tmp_path, cb, optimizer="sgd", max_steps=6)
     assert all(all_nm(w) for w in model.train_weights)
     assert model.val_nm == [True]
@@ -112,7 +122,7 @@ class GradCapture(pl.Callback):
 def test_sr_ste_term_is_added_to_the_straight_through_gradient(tmp_path: Path, recipe: str) -> None:
     captured = {}
     for decay in (0.0, 0.5):
-        cb = SRSTECallback(decay=decay) if recipe == "srste" else STEPCallback(switch=1, sr_ste_decay=decay)
+        cb = SRSTECallback(sr_ste_decay=decay) if recipe == "srste" else STEPCallback(switch=1, sr_ste_decay=decay)
         capture = GradCapture()
         if recipe == "step":  # capture the first step after the switch
             capture.grads = {"skip": torch.zeros(())}
@@ -320,17 +330,26 @@ def test_manual_optimization_is_refused(tmp_path: Path) -> None:
     ("factory", "message"),
     [
         (lambda: STEPCallback(n=4, m=4), "need 0 < n < m"),
-        (lambda: STEPCallback(switch=0), r"`switch` must be >= 1, got 0"),
-        (lambda: STEPCallback(switch=1.5), r"`switch`=1.5 as a float is a fraction.*must be in \(0, 1\)"),
-        (lambda: STEPCallback(switch="sometimes"), r"`switch` must be an int.*or \"auto\" for AutoSwitch"),
-        (lambda: STEPCallback(autoswitch_t_max=None), r"`autoswitch_t_max` is required with switch='auto'"),
-        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of"),
-        (lambda: STEPCallback(autoswitch_threshold=-1.0), r"`threshold` must be a finite number > 0"),
+        (lambda: STEPCallback(switch=0), r"`switch` must be 'auto' or an integer >= 1 or a number in \(0, 1\), got 0"),
+        (lambda: STEPCallback(switch=1.5), r"`switch` must be 'auto' or an integer >= 1 or a number in \(0, 1\), "
+                                           r"got 1.5"),
+        (lambda: STEPCallback(switch=5.0), r"`switch` must be .* got 5.0"),  # a step is an int
+        (lambda: STEPCallback(switch="sometimes"), r"`switch` must be 'auto' or .*, got 'sometimes'"),
+        (lambda: STEPCallback(autoswitch_t_max=None), r"`autoswitch_t_max` must be an integer >= 1 or a number in "
+                                                      r"\(0, 1\), got None"),
+        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of 'reference', "
+                                                              r"'relative', got 'median'"),
+        (lambda: STEPCallback(autoswitch_threshold=-1.0), r"`autoswitch_threshold` must be a number > 0, got -1.0"),
+        (lambda: STEPCallback(autoswitch_window=0), r"`autoswitch_window` must be an integer >= 1 or null, got 0"),
         (lambda: STEPCallback(sr_ste_decay=-1.0), r"`sr_ste_decay` must be a number >= 0"),
-        (lambda: SRSTECallback(decay=-2e-4), r"`decay` \(SR-STE lambda_w\) must be a number >= 0"),
+        (lambda: SRSTECallback(sr_ste_decay=-2e-4), r"SRSTECallback: `sr_ste_decay` must be a number >= 0"),
         (lambda: SRSTECallback(mask_update_interval=0), r"`mask_update_interval` must be an integer >= 1"),
-        (lambda: ASPCallback(prune_at=-1), r"`prune_at` must be >= 0, got -1"),
-        (lambda: ASPCallback(prune_at=1.5), r"`prune_at`=1.5 as a float is a fraction"),
+        (lambda: SRSTECallback(per_layer_log_interval=-1), r"SRSTECallback: `per_layer_log_interval` must be an "
+                                                          r"integer >= 0"),
+        (lambda: ASPCallback(prune_at=-1), r"`prune_at` must be an integer >= 0 or a number in \(0, 1\), got -1"),
+        (lambda: ASPCallback(prune_at=1.5), r"`prune_at` must be .*, got 1.5"),
+        (lambda: ASPCallback(n=3, m=2), r"ASPCallback: `n`:`m` = 3:2 is not a valid N:M ratio"),
+        (lambda: ASPCallback(m=1), r"`m` must be an integer >= 2, got 1"),
         (lambda: SRSTECallback(include=["("]), r"`include` holds an invalid regular expression"),
     ],
 )
@@ -340,8 +359,9 @@ def test_bad_constructor_arguments(factory: Any, message: str) -> None:
 
 
 def test_step_reports_every_problem_at_once() -> None:
-    with pytest.raises(ValueError, match=re.compile(r"`switch`.*; `sr_ste_decay`.*; `autoswitch_statistic`")):
-        STEPCallback(switch=-3, sr_ste_decay=-1.0, autoswitch_statistic="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.compile(r"`switch`.*; `sr_ste_decay`.*; `autoswitch_statistic`.*; "
+                                                    r"`n`:`m` = 4:4.*; `include` holds an invalid regular")):
+        STEPCallback(4, 4, switch=-3, sr_ste_decay=-1.0, autoswitch_statistic="x", include=["("])  # type: ignore
 
 
 def test_stepadamw_exported() -> None:

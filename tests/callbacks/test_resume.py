@@ -49,7 +49,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, recipe: str) -> None:
         assert cb.optimizer_steps == full_cb.optimizer_steps == MAX_STEPS
         if recipe.startswith("step"):
             assert cb.switch_step == full_cb.switch_step == 6 and cb.phase == "mask_learning"
-        full_masks, masks = full_cb._engine.masks, cb._engine.masks
+        full_masks, masks = full_cb.masked_weights.masks, cb.masked_weights.masks
         assert all(torch.equal(a, b) for a, b in zip(full_masks, masks, strict=True))
         full_opt, opt = full_model.trainer.optimizers[0], model.trainer.optimizers[0]
         for sa, sb in zip(full_opt.state.values(), opt.state.values(), strict=True):

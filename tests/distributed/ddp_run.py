@@ -55,7 +55,7 @@ class BufferReport(Callback):
         global _recording
         _recording = False
         recipe = next(cb for cb in trainer.callbacks if isinstance(cb, STEPCallback))
-        engine = recipe._engine
+        engine = recipe.masked_weights
         assert engine is not None and engine.masks is not None and engine._buffers is not None
         recipe_storages = {t.untyped_storage().data_ptr() for t in [*engine.masks, *engine._buffers]}
         names = {b.untyped_storage().data_ptr(): n for n, b in pl_module.named_buffers()}
@@ -81,9 +81,10 @@ class Perturb(Callback):
         if trainer.global_rank != self.rank:
             return
         recipe = next(cb for cb in trainer.callbacks if isinstance(cb, STEPCallback))
-        assert recipe._engine is not None and recipe._engine.masks is not None and recipe._switch_step is not None
-        recipe._switch_step += 1
-        masks = recipe._engine.masks
+        engine = recipe.masked_weights
+        assert engine is not None and engine.masks is not None and recipe._switch_step is not None
+        recipe._switch_step += 1  # a fault injected on purpose: no public API may set the switch step
+        masks = engine.masks
         masks[1] = masks[1].roll(1, dims=-1)  # net.fc1.weight: the same kept count, other positions
 
 

@@ -25,7 +25,7 @@ class MaskDump(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         recipe = next(cb for cb in trainer.callbacks if isinstance(cb, NMSparsityCallback))
-        engine = recipe._engine
+        engine = recipe.masked_weights
         assert engine is not None and engine.masks is not None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save({

@@ -22,9 +22,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-import step_lightning.callbacks.base as base
+import step_lightning.callbacks.nonfinite as nonfinite
+import step_lightning.sparsity.fingerprint as fingerprint
 from step_lightning import STEPCallback, nm_mask
-from step_lightning.callbacks.base import describe_rank_mismatch, mask_fingerprint
+from step_lightning.sparsity import describe_rank_mismatch, mask_fingerprint
 from tests.conftest import TARGETS, TinyModule, tiny_loaders, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_rank_check_names_the_ranks_and_what_differs(perturbed_ddp_run: tuple[in
     assert "all 2 ranks agree when the masks came into use (optimizer step 3)" in log
     error = (out / "error_rank0.txt").read_text()
     assert error.startswith("STEPCallback: the 2 DDP ranks disagree at the end of fit (rank 0: optimizer step 6, "
-                            "phase code 1, switch step 3): rank 1: switch step 4 (rank 0: 3); mask of "
+                            "masks active 1, switch step 3): rank 1: switch step 4 (rank 0: 3); mask of "
                             "net.fc1.weight: same kept count 2048, other positions.")
     assert "net.conv.weight" not in error and "net.fc2.weight" not in error
     for cause in ("non-deterministic kernels", "started from different weights", "different numbers of steps"):
@@ -183,7 +184,7 @@ def test_mask_fingerprint_counts_kept_entries_and_hashes_their_positions(monkeyp
     rolled = mask_fingerprint([masks[0].roll(1, dims=-1), masks[1]])
     assert rolled[0, 0] == fp[0, 0] and rolled[0, 1] != fp[0, 1] and torch.equal(rolled[1], fp[1])
     # Hashing in chunks gives the same result as in one go.
-    monkeypatch.setattr(base, "_HASH_CHUNK", 7)
+    monkeypatch.setattr(fingerprint, "_HASH_CHUNK", 7)
     assert torch.equal(mask_fingerprint(masks), fp)
     assert mask_fingerprint([]).shape == (0, 2)
 
@@ -223,22 +224,21 @@ def test_rank_checks_compare_every_rank_without_processes(tmp_path: Path) -> Non
     cb._check_ranks(_fake_ddp(lambda t: t), "at the end of fit")  # identical ranks: passes
 
     def other_switch(t: torch.Tensor) -> torch.Tensor:
-        t[2] += 1  # the columns: optimizer step, phase code, switch step, then (kept, hash) per layer
+        t[2] += 1  # the columns: optimizer step, masks active, switch step, then (kept, hash) per layer
         return t
 
     with pytest.raises(RuntimeError, match=r"the 2 DDP ranks disagree at the end of fit \(rank 0: optimizer step 4, "
-                                           r"phase code 1, switch step 2\): rank 1: switch step 3 \(rank 0: 2\)\."):
+                                           r"masks active 1, switch step 2\): rank 1: switch step 3 \(rank 0: 2\)\."):
         cb._check_ranks(_fake_ddp(other_switch), "at the end of fit")
 
     # A non-finite loss on one rank only: every rank learns of it, the message names that rank.
-    cb._record_loss({"loss": torch.tensor(float("inf"))})
-    finite_on_rank0 = base._NO_STEP, 0, 0
+    cb.loss_watch.record({"loss": torch.tensor(float("inf"))}, cb.optimizer_steps, cb.phase)
+    finite_on_rank0 = nonfinite._NO_STEP, 0, 0
     rank0_clean = _fake_ddp(lambda t: t)
     rank0_clean.strategy.all_gather = lambda t: torch.stack([torch.tensor(finite_on_rank0), t])
-    cb.on_nonfinite_loss = "raise"
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(inf\) at optimizer step 4 in phase "
                                                  r"'mask_learning' on rank 1; 1 optimizer step"):
-        cb._check_loss(rank0_clean)
+        cb.loss_watch.check(rank0_clean, cb.optimizer_steps, "raise")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,18 +301,19 @@ def test_loss_of_an_fp16_step_the_scaler_skipped_is_not_reported(tmp_path: Path)
     train, _ = tiny_loaders()
     trainer = tiny_trainer(tmp_path, [cb], max_steps=6, plugins=[fp16])
     trainer.fit(NonFiniteFrom(3, float("inf")), train)  # GradScaler skips that step: nothing to report
-    assert trainer.global_step == 6 and cb.optimizer_steps < 6 and not cb._nonfinite_seen
+    assert trainer.global_step == 6 and cb.optimizer_steps < 6 and not cb.loss_watch.seen
 
 
 def test_on_nonfinite_loss_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"`on_nonfinite_loss` must be one of \['raise', 'warn'\], got 'stop'"):
+    with pytest.raises(ValueError, match=r"STEPCallback: `on_nonfinite_loss` must be one of 'raise', 'warn', got "
+                                         r"'stop'"):
         STEPCallback(on_nonfinite_loss="stop")  # type: ignore[arg-type]
 
 
 def test_masks_are_no_module_buffers(tmp_path: Path) -> None:
     # The in-process half of test_ddp_never_broadcasts_masks: DDP broadcasts `module.buffers()`.
     cb, model = _fitted_step(tmp_path)
-    engine = cb._engine
+    engine = cb.masked_weights
     assert engine is not None and engine.masks is not None and engine._buffers is not None
     recipe = {t.untyped_storage().data_ptr() for t in [*engine.masks, *engine._buffers]}
     assert len(recipe) == 2 * len(TARGETS)

@@ -67,13 +67,14 @@ def test_state_dict_roundtrip_continues_identically() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(threshold=0.0, t_max=1), r"`threshold` must be a finite number > 0, got 0.0"),
+        (dict(threshold=0.0, t_max=1), r"AutoSwitch: `threshold` must be a number > 0, got 0.0"),
         (dict(t_max=None), r"`t_max` must be an integer >= 1"),
         (dict(t_max=10, window=0), r"`window` must be an integer >= 1"),
         (dict(t_max=10, t_min=-1), r"`t_min` must be an integer >= 0"),
-        (dict(t_max=10, statistic="median"), r"`statistic` must be one of \['reference', 'relative'\]"),
+        (dict(t_max=10, statistic="median"), r"`statistic` must be one of 'reference', 'relative', got 'median'"),
+        (dict(threshold=float("inf"), t_max=10), r"`threshold` must be a number > 0, got inf"),
         (dict(t_max=10, check_every=0), r"`check_every` must be an integer >= 1"),
-        (dict(t_max=10, beta2=1.0), r"`beta2` must be in \[0, 1\)"),
+        (dict(t_max=10, beta2=1.0), r"`beta2` must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:

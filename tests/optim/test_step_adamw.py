@@ -158,10 +158,11 @@ def test_mixed_dtypes() -> None:
     ("kwargs", "message"),
     [
         (dict(lr=-1.0), r"`lr` must be a number >= 0, got -1.0"),
-        (dict(betas=(0.9, 1.0)), r"`betas` must be two numbers in \[0, 1\)"),
-        (dict(eps=0.0), r"`eps` must be > 0"),
-        (dict(weight_decay=-0.1), r"`weight_decay` must be >= 0"),
-        (dict(frozen_eps=0.0), r"`frozen_eps` must be > 0 or None"),
+        (dict(betas=(0.9, 1.0)), r"`betas` must be a list of 2 items, each a number in \[0, 1\), got \(0.9, 1.0\)"),
+        (dict(betas=[0.9]), r"`betas` must be a list of 2 items"),
+        (dict(eps=0.0), r"`eps` must be a number > 0"),
+        (dict(weight_decay=-0.1), r"`weight_decay` must be a number >= 0"),
+        (dict(frozen_eps=0.0), r"`frozen_eps` must be a number > 0 or null"),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict, message: str) -> None:
