@@ -280,7 +280,7 @@ def recipe_setup(recipe: str) -> tuple[str, list[Callback]]:
     if recipe == "step_mask_learning":
         return "step_adamw", [STEPCallback(N, M, switch=1, per_layer_log_interval=0)]
     if recipe == "srste":
-        return "adamw", [SRSTECallback(N, M, decay=2e-4, per_layer_log_interval=0)]
+        return "adamw", [SRSTECallback(N, M, sr_ste_decay=2e-4, per_layer_log_interval=0)]
     if recipe == "asp":
         return "adamw", [ASPCallback(N, M, prune_at=0, per_layer_log_interval=0)]
     raise ValueError(f"unknown recipe {recipe!r}")
@@ -308,7 +308,7 @@ def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: 
     trainer.fit(module, train_dataloaders=loader)
     for cb in recipe_callbacks:  # check that each STEP fit stayed in the phase it is meant to time
         if isinstance(cb, STEPCallback) and cb.masks_active != (recipe == "step_mask_learning"):
-            raise RuntimeError(f"{recipe}: STEPCallback ended the fit in phase {cb.phase_code}")
+            raise RuntimeError(f"{recipe}: STEPCallback ended the fit in phase {cb.phase}")
     times = timer.step_times(warmup)
     if len(times) != steps:
         raise RuntimeError(f"{recipe}: expected {steps} timed steps, got {len(times)}")

@@ -117,7 +117,7 @@ def test_recipe_key_from_the_command_line(in_tmp: Path, capsys: pytest.CaptureFi
 
     assert recipe_of("--recipe.init_args.m", "8")["init_args"]["m"] == 8  # the quickstart's STEP at 2:8
     short = recipe_of("--config", str(CONFIGS / "cifar10/resnet18.yaml"), "--recipe", "STEPCallback", "--recipe.m", "8")
-    assert short["class_path"] == "step_lightning.callbacks.step.STEPCallback" and short["init_args"]["m"] == 8
+    assert short["class_path"].endswith("STEPCallback") and short["init_args"]["m"] == 8
     assert recipe_of("--recipe", "null") is None
     replaced = recipe_of("--config", str(CONFIGS / "recipes" / "srste_1of8.yaml"))  # stacked on the quickstart
     assert replaced["class_path"].endswith("SRSTECallback")

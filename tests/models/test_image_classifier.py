@@ -114,7 +114,7 @@ def test_backbone_errors() -> None:
         ImageClassifier("resnet34")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`--model.backbone`='resnet34' is not available"):
         build_backbone("resnet34", 10, 3, 32)
-    with pytest.raises(ValueError, match=r"`--model.channels_last` must be true or false or one of 'auto', got 'yes'"):
+    with pytest.raises(ValueError, match=r"`--model.channels_last` must be true or false or 'auto', got 'yes'"):
         ImageClassifier(channels_last="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image size 30 is not a multiple of the patch size 4"):
         ImageClassifier("vit", image_size=30)
