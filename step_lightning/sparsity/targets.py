@@ -6,8 +6,10 @@ weight, and the packed Q/K/V input projection of ``nn.MultiheadAttention`` (``in
 
 * the first layer that sees the raw input: the first such layer in registration order, unless an
   ``nn.Embedding`` is registered before it (then the input is token ids and no layer sees it raw);
-* the final classifier / LM head: the last such layer in registration order, and any layer whose
-  weight is shared with an ``nn.Embedding`` (tied LM heads).
+* the final classifier / LM head: the last such layer in registration order, any layer inside a
+  module named ``pooler`` (a Hugging Face encoder's pooler, e.g. ``BertPooler``, feeds only the
+  sequence classifier: it is part of the head), and any layer whose weight is shared with an
+  ``nn.Embedding`` (tied LM heads).
 
 ``include`` / ``exclude`` are regular expressions matched with :func:`re.search` against the
 fully-qualified parameter name (``"model.layer1.0.conv1.weight"``). When ``include`` is given it
@@ -135,6 +137,8 @@ def select_targets(
     if candidates:
         default_out.setdefault(candidates[-1][0], "final classifier / head")
     for name, weight, _ in candidates:
+        if "pooler" in name.split(".")[:-1]:
+            default_out[name] = "pooler of the classification head"
         if id(weight) in embedding_weights:
             default_out[name] = "tied to an embedding"
 

@@ -84,7 +84,7 @@ def test_hf_gpt2_conv1d_layout() -> None:
     assert "lm_head.weight" not in names(targets)
 
 
-def test_hf_bert_classifier_excluded() -> None:
+def test_hf_bert_classifier_and_pooler_excluded() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, vocab_size=50, max_position_embeddings=16)
@@ -93,6 +93,9 @@ def test_hf_bert_classifier_excluded() -> None:
     assert "bert.encoder.layer.0.attention.self.query.weight" in names(targets)
     assert "classifier.weight" not in names(targets)
     assert "final classifier" in {s.name: s.reason for s in skipped}["classifier.weight"]
+    # The pooler feeds only the classifier: part of the head, dense unless `include` names it.
+    assert "pooler" in {s.name: s.reason for s in skipped}["bert.pooler.dense.weight"]
+    assert "bert.pooler.dense.weight" in names(select_targets(model, 2, 4, include=["pooler"])[0])
 
 
 def test_multihead_attention_input_projections_are_linear_targets() -> None:
