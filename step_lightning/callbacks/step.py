@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -20,9 +21,19 @@ from step_lightning.checks import (
     PositiveInt,
     check_arguments,
 )
-from step_lightning.optim import AutoSwitch, Statistic, StepAdamW
+from step_lightning.optim import AutoSwitch, Statistic, StepAdamW, WarmupDecayLR
 
 Phase = Literal["precondition", "mask_learning"]
+
+
+def warmup_end(trainer: pl.Trainer, total_steps: int | float) -> int:
+    """The optimizer step at which the run's learning-rate warm-up ends: the longest warm-up of the
+    :class:`~step_lightning.optim.WarmupDecayLR` schedulers that step every optimizer step; 0 without one."""
+    total = int(total_steps) if math.isfinite(total_steps) and total_steps > 0 else None
+    ends = [config.scheduler.warmup_steps(total) for config in trainer.lr_scheduler_configs
+            if isinstance(config.scheduler, WarmupDecayLR) and config.interval == "step"
+            and (config.scheduler.warmup >= 1 or total is not None)]
+    return max(ends, default=0)
 
 
 class STEPCallback(NMSparsityCallback):
@@ -66,7 +77,9 @@ class STEPCallback(NMSparsityCallback):
         autoswitch_window: samples in the sliding window; ``None`` means ``1 / (1 - beta2)`` of the
             optimizer (1000 for beta2 = 0.999).
         autoswitch_t_min: no switch on the statistic before this step: an int, a float fraction of
-            the run, or ``None`` (= the window length).
+            the run, or ``None``: the later of the window length and the end of the learning-rate
+            warm-up of a :class:`~step_lightning.optim.WarmupDecayLR` stepping every optimizer step (Adam's
+            second moment is not settled while the learning rate still ramps up).
         autoswitch_t_max: switch unconditionally after this step: an int, or a float fraction of the run
             (default 0.5: the second half of the run always learns masks).
         autoswitch_check_every: evaluate the test every this many steps. Each test reads one scalar from
@@ -184,6 +197,8 @@ class STEPCallback(NMSparsityCallback):
             self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max=t_max,
                                          statistic=self.autoswitch_statistic, beta2=beta2,
                                          check_every=self.autoswitch_check_every)
+            if self.autoswitch_t_min is None:
+                self.autoswitch.t_min = max(self.autoswitch.t_min, warmup_end(trainer, total))
             if self._restored_autoswitch is not None:
                 self.autoswitch.load_state_dict(self._restored_autoswitch)
                 self._restored_autoswitch = None

@@ -104,14 +104,16 @@ class WarmupDecayLR(LRScheduler):
         """True while the length of the run is still unknown and the schedule depends on it."""
         return self.total_steps is None and (self.warmup < 1 or self.decay in ("cosine", "linear"))
 
-    def warmup_steps(self) -> int:
+    def warmup_steps(self, total_steps: int | None = None) -> int:
+        """The number of warm-up steps; a fractional ``warmup`` needs ``total_steps`` (or the schedule's own)."""
         if self.warmup >= 1:
             return int(self.warmup)
         if self.warmup == 0:
             return 0
-        if self.total_steps is None:
+        total = self.total_steps if self.total_steps is not None else total_steps
+        if total is None:
             raise RuntimeError("WarmupDecayLR: `warmup` is a fraction of the run but `total_steps` is not set.")
-        return max(1, round(self.warmup * self.total_steps))
+        return max(1, round(self.warmup * total))
 
     def factor(self, step: int) -> float:
         """The multiplier of the base learning rate after ``step`` optimizer steps."""

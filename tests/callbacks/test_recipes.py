@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, is_nm_sparse
+from step_lightning.optim import WarmupDecayLR
 from tests.conftest import TARGETS, TinyModule, tiny_loaders, tiny_trainer
 
 
@@ -66,6 +67,31 @@ def test_step_autoswitch_threshold_and_logging(tmp_path: Path) -> None:
                 "sparsity/switch_step", "sparsity/layers/net.fc1.weight/flip_rate",
                 "sparsity/layers/net.conv.weight/kept"]:
         assert key in header, key
+
+
+class WarmupModule(TinyModule):
+    """TinyModule with a WarmupDecayLR warm-up of ``warmup`` optimizer steps."""
+
+    def __init__(self, warmup: int) -> None:
+        super().__init__()
+        self.warmup = warmup
+
+    def configure_optimizers(self) -> Any:
+        optimizer = StepAdamW(self.parameters(), lr=self.lr)
+        scheduler = WarmupDecayLR(optimizer, warmup=self.warmup, decay="constant")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize(("warmup", "t_min", "switch_step"), [(6, None, 7), (1, None, 3), (6, 2, 3)])
+def test_step_autoswitch_waits_for_the_end_of_the_warmup(tmp_path: Path, warmup: int, t_min: int | None,
+                                                         switch_step: int) -> None:
+    # A relative threshold of 10 is always met: the switch comes right after t_min, which defaults to the
+    # later of the window (2) and the end of the learning-rate warm-up; an explicit t_min wins.
+    cb = STEPCallback(switch="auto", autoswitch_statistic="relative", autoswitch_threshold=10.0,
+                      autoswitch_window=2, autoswitch_t_min=t_min, autoswitch_t_max=0.9, autoswitch_check_every=1)
+    train, _ = tiny_loaders()
+    tiny_trainer(tmp_path, [cb], max_steps=10).fit(WarmupModule(warmup), train)
+    assert cb.switch_step == switch_step and cb.autoswitch.switched_by == "threshold"
 
 
 def test_step_autoswitch_t_max_warns(tmp_path: Path) -> None:
