@@ -257,6 +257,9 @@ class NMSparsityCallback(Callback, ABC):
 
     # ---- Training step ---------------------------------------------------------------------------
     def _should_log(self, trainer: pl.Trainer) -> bool:
+        # Whether Lightning logs this step: its own rule (`log_every_n_steps` counted in batches that stepped,
+        # `should_stop`), which it exposes only on the private logger connector. Reading it, rather than
+        # recomputing it from other private loop counters, keeps our tags on exactly Lightning's steps.
         connector = getattr(trainer, "_logger_connector", None)
         return bool(trainer.loggers) and bool(getattr(connector, "should_update_logs", True))
 

@@ -21,8 +21,11 @@ def updated_on_any_rank(module: pl.LightningModule, local: Sequence[bool]) -> li
     Under DDP a rank can get no batch of a small dev set (evaluation does not repeat examples), and torchmetrics'
     ``compute`` is a collective: deciding from every rank's flags makes all ranks take part in the same syncs.
     """
-    trainer = module._trainer
-    if trainer is None or trainer.world_size <= 1:
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer: one process
+        return list(local)
+    if trainer.world_size <= 1:
         return list(local)
     flags = torch.tensor(local, dtype=torch.int32, device=module.device)
     return [bool(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
