@@ -263,7 +263,7 @@ class STEPCallback(NMSparsityCallback):
 
     def _do_switch(self) -> None:
         assert self._optimizer is not None
-        self._optimizer.freeze_second_moment([t.param for t in self.targets])
+        self._optimizer.freeze_second_moment([t.param for t in self.targets], names=[t.name for t in self.targets])
         self._optimizer.watch([])
         self._phase = "mask_learning"
         self._switch_step = self._opt_steps

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -10,6 +11,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from step_lightning.checks import NonNegativeFloat, PositiveFloat, UnitIntervalOpenRight, check_arguments
+
+FROZEN_V = "frozen_exp_avg_sq"
+"""State key of the raw second moment ``v*`` of a frozen parameter (the key ``exp_avg_sq`` had before the freeze)."""
 
 
 class StepAdamW(Optimizer):
@@ -25,10 +29,14 @@ class StepAdamW(Optimizer):
 
     with ``denom = sqrt(v*) + frozen_eps`` (reference: ``v*`` the raw ``v`` at the freeze,
     ``frozen_eps = eps ** 0.75``) or, with ``frozen_bias_correction=True``,
-    ``denom = sqrt(v* / (1 - beta2 ** T0)) + eps``. Since ``denom`` is constant it is computed once at
-    the freeze and stored in place of ``exp_avg_sq`` (state key ``frozen_denom``, with the freeze step
-    in ``frozen_step``), so a frozen step costs fewer passes than an AdamW step. Everything, including
-    which parameters are frozen, round-trips through ``state_dict()`` / ``load_state_dict()``.
+    ``denom = sqrt(v* / (1 - beta2 ** T0)) + eps`` (bitwise AdamW's denominator of step ``T0``). The
+    state keeps the raw ``v*`` in place of ``exp_avg_sq`` (state key ``frozen_exp_avg_sq``, with the
+    freeze step ``T0`` in ``frozen_step``) and derives ``denom`` from it in every step, so that
+    ``frozen_eps`` and ``frozen_bias_correction`` are settings, not baked into the state: an optimizer
+    built with other values than a loaded state dict's keeps its own (with a warning) and they take
+    effect from the next step. A frozen step still costs fewer passes than an AdamW step (no update of
+    ``v``). Everything, including which parameters are frozen, round-trips through ``state_dict()`` /
+    ``load_state_dict()``; a state dict from before this change (a ``frozen_denom`` key) is converted.
 
     For the AutoSwitch test it can also measure, for parameters passed to :meth:`watch`, how fast the
     second moment still moves: after each step :attr:`second_moment_stats` holds device scalars (no
@@ -112,35 +120,71 @@ class StepAdamW(Optimizer):
         return out
 
     def is_frozen(self, param: Tensor) -> bool:
-        return "frozen_denom" in self.state.get(param, {})
+        return FROZEN_V in self.state.get(param, {})
 
     @torch.no_grad()
-    def freeze_second_moment(self, params: Iterable[Tensor]) -> None:
+    def freeze_second_moment(self, params: Iterable[Tensor], names: Sequence[str] | None = None) -> None:
         """Freeze ``v`` of ``params`` at its current value; they follow the frozen update from the next step.
+
+        Args:
+            params: the parameters to freeze (already frozen ones are left as they are).
+            names: a name per parameter, for error messages (e.g. ``net.fc1.weight``); default: shapes.
 
         Raises:
             ValueError: a parameter is not in this optimizer, or has no state yet (it has never taken
                 a step, so there is no second moment to freeze).
+            FloatingPointError: the second moment of a parameter holds NaN or inf (every later update of
+                it would be NaN); nothing is frozen then.
         """
-        for p, group in self._group_of(params, "freeze_second_moment"):
-            state = self.state.get(p, {})
-            if "frozen_denom" in state:
-                continue
-            if "exp_avg_sq" not in state:
-                raise ValueError(
-                    f"StepAdamW.freeze_second_moment: a parameter of shape {tuple(p.shape)} has not taken an "
-                    "optimizer step yet, so it has no second moment to freeze. Freeze after at least one step."
+        found = self._group_of(params, "freeze_second_moment")
+        labels = list(names) if names is not None else [f"a parameter of shape {tuple(p.shape)}" for p, _ in found]
+        if len(labels) != len(found):
+            raise ValueError(f"StepAdamW.freeze_second_moment: got {len(labels)} names for {len(found)} parameters.")
+        todo = [(p, group, label) for (p, group), label in zip(found, labels, strict=True)
+                if FROZEN_V not in self.state.get(p, {})]
+        stateless = [label for p, _, label in todo if "exp_avg_sq" not in self.state.get(p, {})]
+        if stateless:
+            raise ValueError(
+                f"StepAdamW.freeze_second_moment: {', '.join(stateless)} has not taken an optimizer step yet (it never "
+                "had a gradient), so it has no second moment to freeze. Freeze after at least one step in which it "
+                "gets a gradient."
+            )
+        if todo:  # one host sync for all of them, before anything changes
+            finite = torch.stack([self.state[p]["exp_avg_sq"].isfinite().all().cpu() for p, _, _ in todo]).tolist()
+            bad = [label for (_, _, label), ok in zip(todo, finite, strict=True) if not ok]
+            if bad:
+                raise FloatingPointError(
+                    f"StepAdamW.freeze_second_moment: the second moment of {', '.join(bad)} holds NaN or inf; frozen, "
+                    "it would make every later update NaN, so nothing was frozen. A non-finite gradient reached the "
+                    "optimizer before the freeze: check the loss and the gradients (e.g. gradient clipping, a lower "
+                    "learning rate, bf16 instead of fp16)."
                 )
-            v = state.pop("exp_avg_sq")
-            t0 = int(state["step"])
-            _, beta2 = group["betas"]
-            if group["frozen_bias_correction"]:
-                denom = v.div_(1 - beta2**t0).sqrt_().add_(group["eps"])
-            else:
-                frozen_eps = group["frozen_eps"] if group["frozen_eps"] is not None else group["eps"] ** 0.75
-                denom = v.sqrt_().add_(frozen_eps)
-            state["frozen_denom"] = denom
-            state["frozen_step"] = t0
+        for p, _, _ in todo:
+            state = self.state[p]
+            state[FROZEN_V] = state.pop("exp_avg_sq")
+            state["frozen_step"] = int(state["step"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, except that ``frozen_eps`` and ``frozen_bias_correction``
+        stay this optimizer's (a warning names any that differ from the state dict's): they only choose how the
+        frozen denominator is derived from the stored ``v*``. A state dict from before the raw ``v*`` was kept
+        (a ``frozen_denom`` key) is converted back to ``v*`` with its own settings."""
+        configured = [(g["frozen_eps"], g["frozen_bias_correction"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for index, (group, (frozen_eps, bias_correction)) in enumerate(zip(self.param_groups, configured,
+                                                                             strict=True)):
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "frozen_denom" in state:
+                    state[FROZEN_V] = _v_from_frozen_denom(state.pop("frozen_denom"), group, state["frozen_step"])
+            saved = (group["frozen_eps"], group["frozen_bias_correction"])
+            if saved != (frozen_eps, bias_correction):
+                warnings.warn(
+                    f"StepAdamW.load_state_dict: param group {index} was saved with frozen_eps={saved[0]}, "
+                    f"frozen_bias_correction={saved[1]}; this optimizer's frozen_eps={frozen_eps}, "
+                    f"frozen_bias_correction={bias_correction} apply from the next step, to the frozen second moment "
+                    "already in the state as well.", stacklevel=2)
+                group["frozen_eps"], group["frozen_bias_correction"] = frozen_eps, bias_correction
 
     # ----------------------------------------------------------------------------------------------
     # Step
@@ -170,13 +214,13 @@ class StepAdamW(Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                frozen = "frozen_denom" in state
+                frozen = FROZEN_V in state
                 b = buckets.setdefault((p.device, p.dtype, frozen), {k: [] for k in
                                        ("params", "grads", "exp_avgs", "second", "steps", "watched")})
                 b["params"].append(p)
                 b["grads"].append(p.grad)
                 b["exp_avgs"].append(state["exp_avg"])
-                b["second"].append(state["frozen_denom"] if frozen else state["exp_avg_sq"])
+                b["second"].append(state[FROZEN_V] if frozen else state["exp_avg_sq"])
                 b["steps"].append(state["step"])
                 b["watched"].append(id(p) in self._watched)
             for (_, _, frozen), b in buckets.items():
@@ -233,12 +277,34 @@ class StepAdamW(Optimizer):
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
 
     def _frozen_update(self, group: dict[str, Any], b: dict[str, list[Any]]) -> None:
-        params, grads, exp_avgs, denoms, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
-        beta1, _ = group["betas"]
+        params, grads, exp_avgs, frozen_vs, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
+        beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         self._count_steps(steps)
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        # Derived from the raw v* in every step rather than stored, so the settings are read where they apply.
+        denoms = torch._foreach_sqrt(frozen_vs)
+        if group["frozen_bias_correction"]:
+            # As _adamw_update at step T0, so that the denominator is bitwise AdamW's of the freeze step.
+            torch._foreach_div_(denoms, [(1 - beta2 ** self.state[p]["frozen_step"]) ** 0.5 for p in params])
+            torch._foreach_add_(denoms, group["eps"])
+        else:
+            torch._foreach_add_(denoms, _frozen_eps(group))
         step_size = [-lr / (1 - beta1 ** s.item()) for s in steps]
         torch._foreach_addcdiv_(params, exp_avgs, denoms, step_size)
+
+
+def _frozen_eps(group: dict[str, Any]) -> float:
+    """The epsilon of the reference frozen denominator ``sqrt(v*) + frozen_eps`` for a param group."""
+    return group["frozen_eps"] if group["frozen_eps"] is not None else group["eps"] ** 0.75
+
+
+def _v_from_frozen_denom(denom: Tensor, group: dict[str, Any], frozen_step: int) -> Tensor:
+    """The raw ``v*`` of a frozen denominator stored by an earlier step_lightning (state key ``frozen_denom``),
+    exact up to rounding."""
+    _, beta2 = group["betas"]
+    if group["frozen_bias_correction"]:
+        return denom.sub(group["eps"]).clamp_(min=0).square_().mul_(1 - beta2**frozen_step)
+    return denom.sub(_frozen_eps(group)).clamp_(min=0).square_()

@@ -288,6 +288,20 @@ def test_nan_in_the_autoswitch_statistic_is_reported(tmp_path: Path) -> None:
     assert not cb.autoswitch.switched and cb.autoswitch.num_nonfinite >= 1
 
 
+def test_the_switch_refuses_to_freeze_a_non_finite_second_moment(tmp_path: Path) -> None:
+    class NaNAtStep2(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 2 else loss
+
+    cb = STEPCallback(switch=4)
+    train, _ = tiny_loaders()
+    with pytest.raises(FloatingPointError, match=r"the second moment of net.conv.weight, net.fc1.weight, net.fc2.weight "
+                                                 r"holds NaN or inf"):
+        tiny_trainer(tmp_path, [cb], max_steps=6).fit(NaNAtStep2(), train)
+    assert cb.phase == "precondition"
+
+
 @pytest.mark.parametrize(
     ("callback", "message"),
     [

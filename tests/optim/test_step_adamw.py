@@ -77,6 +77,7 @@ def test_frozen_update_rule(bias_corrected: bool) -> None:
     opt.freeze_second_moment([w])
     assert opt.is_frozen(w) and not opt.is_frozen(b)
     assert "exp_avg_sq" not in opt.state[w] and opt.state[w]["frozen_step"] == 3
+    assert torch.equal(opt.state[w]["frozen_exp_avg_sq"], v_star)  # the raw v*, not a derived denominator
     b_v_before = opt.state[b]["exp_avg_sq"].clone()
 
     expected = w.detach().clone()
@@ -94,11 +95,68 @@ def test_frozen_update_rule(bias_corrected: bool) -> None:
 
 def test_frozen_eps_overrides_reference_default() -> None:
     w = nn.Parameter(torch.zeros(2, 4))
-    opt = StepAdamW([w], frozen_eps=1e-3)
+    opt = StepAdamW([w], lr=1.0, weight_decay=0.0, frozen_eps=1e-3)
     w.grad = torch.zeros_like(w)
     opt.step()
     opt.freeze_second_moment([w])
-    assert torch.equal(opt.state[w]["frozen_denom"], torch.full_like(w, 1e-3))
+    w.grad = torch.ones_like(w)
+    opt.step()  # m = 0.1, m_hat = 0.1 / (1 - 0.9 ** 2), v* = 0: w = -m_hat / 1e-3
+    torch.testing.assert_close(w.detach(), torch.full_like(w, -0.1 / 0.19 / 1e-3))
+
+
+def frozen_run(frozen_eps: float | None = None, bias_correction: bool = False, resume_with: dict | None = None,
+               legacy: bool = False) -> nn.Module:
+    """Three AdamW steps, freeze the Linear weights, two frozen steps; with ``resume_with``, the last two
+    steps run in a new optimizer built with those arguments from the first's state dict."""
+    model, grads = model_and_grads()
+    opt = StepAdamW(model.parameters(), lr=1e-2, frozen_eps=frozen_eps, frozen_bias_correction=bias_correction)
+    run(model, opt, grads[:3])
+    opt.freeze_second_moment([model[0].weight, model[2].weight])
+    if resume_with is not None:
+        state = copy.deepcopy(opt.state_dict())
+        if legacy:  # as saved before the raw v* was kept: the reference denominator sqrt(v*) + eps ** 0.75
+            for entry in state["state"].values():
+                if "frozen_exp_avg_sq" in entry:
+                    entry["frozen_denom"] = entry.pop("frozen_exp_avg_sq").sqrt() + 1e-8**0.75
+        opt = StepAdamW(model.parameters(), lr=1e-2, **resume_with)
+        opt.load_state_dict(state)
+    run(model, opt, grads[3:5])
+    return model
+
+
+@pytest.mark.parametrize("changed", [dict(frozen_eps=1e-3), dict(bias_correction=True)])
+def test_frozen_settings_changed_on_resume_take_effect(changed: dict) -> None:
+    # The state keeps the raw v*: a resume with another frozen_eps or frozen_bias_correction continues exactly
+    # like a run that had those settings from the start (before, the old denominator was silently kept).
+    expected = frozen_run(**changed)
+    resume_with = {"frozen_bias_correction" if k == "bias_correction" else k: v for k, v in changed.items()}
+    with pytest.warns(UserWarning, match=r"param group 0 was saved with frozen_eps=None, frozen_bias_correction="
+                                         r"False; this optimizer's .* apply from the next step"):
+        resumed = frozen_run(resume_with=resume_with)
+    for a, b in zip(expected.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    unchanged = frozen_run(resume_with={})
+    assert not torch.equal(unchanged[0].weight, resumed[0].weight)
+
+
+def test_a_frozen_denominator_of_an_earlier_version_is_converted() -> None:
+    expected = frozen_run()
+    resumed = frozen_run(resume_with={}, legacy=True)
+    for a, b in zip(expected.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_freeze_refuses_a_non_finite_second_moment() -> None:
+    model, grads = model_and_grads()
+    opt = StepAdamW(model.parameters())
+    grads[1][4][0, 3] = float("nan")  # the second Linear's weight, second step
+    run(model, opt, grads[:3])
+    with pytest.raises(FloatingPointError, match=r"of a parameter of shape \(4, 16\) holds NaN"):
+        opt.freeze_second_moment([model[2].weight])
+    with pytest.raises(FloatingPointError, match=r"the second moment of net.2.weight holds NaN or inf; frozen, it "
+                                                 r"would make every later update NaN, so nothing was frozen"):
+        opt.freeze_second_moment([model[0].weight, model[2].weight], names=["net.0.weight", "net.2.weight"])
+    assert not opt.is_frozen(model[0].weight) and not opt.is_frozen(model[2].weight)
 
 
 def test_second_moment_stats_match_a_manual_computation() -> None:
@@ -151,7 +209,7 @@ def test_mixed_dtypes() -> None:
     opt.freeze_second_moment([b])
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
     opt.step()
-    assert opt.state[b]["frozen_denom"].dtype == torch.float64
+    assert opt.state[b]["frozen_exp_avg_sq"].dtype == torch.float64 and b.dtype == torch.float64
 
 
 @pytest.mark.parametrize(
@@ -179,7 +237,7 @@ def test_freeze_errors() -> None:
     w = nn.Parameter(torch.zeros(2, 4))
     stranger = nn.Parameter(torch.zeros(3))
     opt = StepAdamW([w])
-    with pytest.raises(ValueError, match=r"has not taken an optimizer step yet"):
+    with pytest.raises(ValueError, match=r"a parameter of shape \(2, 4\) has not taken an optimizer step yet"):
         opt.freeze_second_moment([w])
     with pytest.raises(ValueError, match=r"shape \(3,\) is not in this optimizer's param_groups"):
         opt.freeze_second_moment([stranger])
