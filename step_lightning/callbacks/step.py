@@ -146,6 +146,7 @@ class STEPCallback(NMSparsityCallback):
         self.autoswitch: AutoSwitch | None = None
         self._optimizer: StepAdamW | None = None
         self._restored_autoswitch: dict[str, Any] | None = None
+        self._gradients_checked = False
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -179,6 +180,7 @@ class STEPCallback(NMSparsityCallback):
                 "StepAdamW(...) from configure_optimizers. For other optimizers use SRSTECallback."
             )
         self._optimizer = owners[0]
+        self._gradients_checked = False
 
     @override
     def _prepare_run(self, trainer: pl.Trainer) -> None:
@@ -229,11 +231,27 @@ class STEPCallback(NMSparsityCallback):
                              f"moment for {unfrozen}: the checkpoint's optimizer state does not match its callback "
                              "state.")
 
+    def _check_gradients(self) -> None:
+        # After the first optimizer step of a fit: a masked weight that got no gradient has no second moment,
+        # which the switch would only find (and fail on) hours later.
+        assert self._optimizer is not None
+        self._gradients_checked = True
+        missing = [t.name for t in self.targets if "exp_avg_sq" not in self._optimizer.state.get(t.param, {})]
+        if missing:
+            raise ValueError(
+                f"STEPCallback: these masked weights got no gradient in optimizer step {self._opt_steps} (phase "
+                f"'precondition'): {missing}. STEP freezes the Adam second moment of every masked weight at the "
+                "switch, and a weight without a gradient has none (nor can it learn a mask). List them in `exclude` "
+                "(`--recipe.exclude`), or make them take part in the loss."
+            )
+
     @override
     def _after_optimizer_step(self, trainer: pl.Trainer) -> None:
         if self._phase != "precondition":
             return
         assert self._optimizer is not None
+        if not self._gradients_checked:
+            self._check_gradients()
         if self.autoswitch is not None:
             stats = self._optimizer.second_moment_stats
             if stats is None:

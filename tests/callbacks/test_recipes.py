@@ -288,6 +288,21 @@ def test_nan_in_the_autoswitch_statistic_is_reported(tmp_path: Path) -> None:
     assert not cb.autoswitch.switched and cb.autoswitch.num_nonfinite >= 1
 
 
+def test_a_masked_weight_without_gradient_is_reported_after_the_first_step(tmp_path: Path) -> None:
+    class UnusedLayer(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net.unused = torch.nn.Linear(32, 32)  # maskable, never in the forward pass
+            self.net.head = self.net._modules.pop("head")  # the head stays the last Linear (never masked)
+
+    cb = STEPCallback(switch=5)
+    train, _ = tiny_loaders()
+    with pytest.raises(ValueError, match=r"got no gradient in optimizer step 1 \(phase 'precondition'\): "
+                                         r"\['net.unused.weight'\].*List them in `exclude`"):
+        tiny_trainer(tmp_path, [cb], max_steps=6).fit(UnusedLayer(), train)
+    assert cb.optimizer_steps == 1  # not at the switch, four steps later
+
+
 def test_the_switch_refuses_to_freeze_a_non_finite_second_moment(tmp_path: Path) -> None:
     class NaNAtStep2(TinyModule):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -296,8 +311,8 @@ def test_the_switch_refuses_to_freeze_a_non_finite_second_moment(tmp_path: Path)
 
     cb = STEPCallback(switch=4)
     train, _ = tiny_loaders()
-    with pytest.raises(FloatingPointError, match=r"the second moment of net.conv.weight, net.fc1.weight, net.fc2.weight "
-                                                 r"holds NaN or inf"):
+    with pytest.raises(FloatingPointError, match=r"the second moment of net.conv.weight, net.fc1.weight, "
+                                                 r"net.fc2.weight holds NaN or inf"):
         tiny_trainer(tmp_path, [cb], max_steps=6).fit(NaNAtStep2(), train)
     assert cb.phase == "precondition"
 
