@@ -91,6 +91,8 @@ class ASPCallback(NMSparsityCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._pruned:
             assert self.masked_weights is not None
+            # Lightning clips gradients right after this hook (Precision._after_closure, every precision
+            # plugin), so `gradient_clip_val` measures the masked gradients, as apex's masked step does.
             self.masked_weights.mask_grads_()
 
     @override

@@ -193,6 +193,33 @@ def test_asp_prune_at_zero_and_fraction(tmp_path: Path) -> None:
     assert cb.prune_step == 4
 
 
+def test_asp_gradient_clipping_sees_the_masked_gradients(tmp_path: Path) -> None:
+    # Lightning clips after `on_before_optimizer_step`, where ASP zeroes the pruned gradients: the clipping norm
+    # is that of the masked gradients, as in apex (which masks inside the step), not of the dense ones.
+    class Gradients(pl.Callback):
+        def __init__(self) -> None:
+            self.raw: list[dict[str, torch.Tensor]] = []
+            self.stepped: list[dict[str, torch.Tensor]] = []
+
+        def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.raw.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            self.stepped.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})  # what the step used
+
+    cb, grads, clip = ASPCallback(prune_at=0), Gradients(), 1e-2
+    train, _ = tiny_loaders()
+    tiny_trainer(tmp_path, [cb, grads], max_steps=3, gradient_clip_val=clip).fit(TinyModule("adamw"), train)
+    masks = dict(zip(cb.masked_weights.names, cb.masked_weights.masks, strict=True))
+    for raw, stepped in zip(grads.raw, grads.stepped, strict=True):
+        masked = {n: g * masks[n] if n in masks else g for n, g in raw.items()}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in masked.values()]))
+        dense_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw.values()]))
+        assert clip < norm < 0.95 * dense_norm  # clipping is active, and the two norms differ
+        for n, g in masked.items():
+            torch.testing.assert_close(stepped[n], g * (clip / (norm + 1e-6)), msg=n)
+
+
 def test_gradient_accumulation_keeps_the_mask_across_micro_batches(tmp_path: Path) -> None:
     cb = STEPCallback(switch=2)
     model = fit(tmp_path, cb, max_steps=5, accumulate_grad_batches=2)
