@@ -412,6 +412,11 @@ class NMSparsityCallback(Callback, ABC):
                 "with a different recipe or N:M would not continue the same run. Use the checkpoint's recipe and "
                 "N:M, or start a new run (load the weights into the model instead of passing `ckpt_path`)."
             )
+        # The masks in memory belong to other weights (e.g. the end of `fit` before `test(ckpt_path="best")`):
+        # `load_state_dict` installs the checkpoint's, and without any (saved before the masks existed, or
+        # weights only) evaluation computes them from the checkpoint's weights.
+        if self._engine is not None:
+            self._engine.clear_masks()
 
     @override
     def state_dict(self) -> dict[str, Any]:

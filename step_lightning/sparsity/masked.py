@@ -116,6 +116,12 @@ class MaskedWeights:
                                  f"the weight has {tuple(t.param.shape)}.")
         self.masks = [mask.to(device=p.device, dtype=torch.bool) for mask, p in zip(masks, self.params, strict=True)]
 
+    def clear_masks(self) -> None:
+        """Forget the masks (e.g. those of other weights, before loading a checkpoint that may hold none)."""
+        if self.applied:
+            raise RuntimeError("clear_masks() called while masked weights are applied; restore_() first.")
+        self.masks = None
+
     def _require_masks(self) -> list[Tensor]:
         if self.masks is None:
             raise RuntimeError("No masks yet: call update_masks() or set_masks() first.")

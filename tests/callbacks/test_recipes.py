@@ -9,9 +9,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, is_nm_sparse
+from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, is_nm_sparse, nm_mask
 from step_lightning.optim import WarmupDecayLR
 from tests.conftest import TARGETS, TinyModule, tiny_loaders, tiny_trainer
 
@@ -287,6 +288,56 @@ def test_validate_and_predict_outside_fit_use_the_nm_model(tmp_path: Path) -> No
     torch.testing.assert_close(preds, torch.cat([masked(x) for x, _ in val]))
     # Evaluation leaves the dense weights as they were.
     assert not all_nm(dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize(("recipe", "stage"), [("srste", "test"), ("srste", "validate"), ("srste", "predict"),
+                                             ("step", "test"), ("asp", "test")])
+def test_evaluation_from_a_checkpoint_uses_that_checkpoints_masks(tmp_path: Path, recipe: str, stage: str) -> None:
+    # "best" is the checkpoint of step 4. SR-STE with mask_update_interval=3: its masks are not a function of
+    # its weights, so evaluating it uses the masks stored with it (those its validation score measured). STEP
+    # (switch at 6) and ASP (prune at 6) stored none at step 4: magnitude masks of its weights, as validation
+    # used then. Never the masks left in memory at the end of fit.
+    class Evaluated(TinyModule):
+        def __init__(self) -> None:
+            super().__init__("adamw" if recipe != "step" else "step_adamw", lr=5e-2)
+            self.evaluated: list[dict[str, torch.Tensor]] = []
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val/order", float(self.trainer.global_step))  # the first validation is "best"
+            self._record(batch_idx)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self._record(batch_idx)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self._record(batch_idx)
+            return super().predict_step(batch, batch_idx)
+
+        def _record(self, batch_idx: int) -> None:
+            if batch_idx == 0:
+                self.evaluated.append({n: p.detach().clone() for n, p in self.named_parameters() if n in TARGETS})
+
+    pl.seed_everything(0)
+    model = Evaluated()
+    train, val = tiny_loaders()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/order", mode="min", save_top_k=1)
+    cb = {"srste": lambda: SRSTECallback(mask_update_interval=3), "step": lambda: STEPCallback(switch=6,
+          mask_update_interval=3), "asp": lambda: ASPCallback(prune_at=6)}[recipe]()
+    trainer = tiny_trainer(tmp_path, [cb, best], max_steps=12, val_check_interval=4, check_val_every_n_epoch=None,
+                           enable_checkpointing=True)
+    trainer.fit(model, train, val)
+    assert best.best_model_path.endswith("step=4.ckpt")
+    ckpt = torch.load(best.best_model_path, weights_only=False)
+    saved = ckpt["callbacks"][cb.state_key]["masks"]
+    assert (saved is None) == (recipe != "srste")
+    weights = {n: ckpt["state_dict"][n] for n in TARGETS}
+    expected = saved or {n: nm_mask(w, 2, 4, layout(n)) for n, w in weights.items()}
+    end_of_fit = dict(zip(cb.masked_weights.names, cb.masked_weights.masks, strict=True))
+    assert any(not torch.equal(expected[n], end_of_fit[n]) for n in TARGETS)  # the masks moved on after step 4
+    model.evaluated.clear()
+    getattr(trainer, stage)(model, val, ckpt_path="best")
+    for n in TARGETS:
+        torch.testing.assert_close(model.evaluated[0][n], weights[n] * expected[n], msg=n)
 
 
 def test_validate_before_fit_then_train(tmp_path: Path) -> None:

@@ -92,5 +92,10 @@ def test_errors() -> None:
     engine.apply_()
     with pytest.raises(RuntimeError, match="restore_\\(\\) first"):
         engine.compute_masks()
+    with pytest.raises(RuntimeError, match=r"clear_masks\(\) called while masked weights are applied"):
+        engine.clear_masks()
+    engine.restore_()
+    engine.clear_masks()
+    assert engine.masks is None
     with pytest.raises(ValueError, match="at least one target"):
         MaskedWeights([])
