@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.arguments import resolve_step, target_problems
+from step_lightning.callbacks.arguments import target_problems
 from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
 from step_lightning.checks import IntAtLeast2, NonNegativeInt, OpenUnitInterval, PositiveInt, check_arguments
 
@@ -69,8 +69,7 @@ class ASPCallback(NMSparsityCallback):
     @override
     def _prepare_run(self, trainer: pl.Trainer) -> None:
         total = trainer.estimated_stepping_batches
-        if self.prune_step is None:
-            self.prune_step = resolve_step(self.prune_at, total, "prune_at")
+        self.prune_step = self._resolve_step("prune_at", self.prune_at, total)
         if not self._pruned and self.prune_step >= total:
             rank_zero_warn(f"ASPCallback: `prune_at`={self.prune_at} is at or after the run's last optimizer step "
                            f"({total}): this run never prunes.")
@@ -112,3 +111,5 @@ class ASPCallback(NMSparsityCallback):
         super().load_state_dict(state)
         self.prune_step = state["prune_step"]
         self._pruned = state["pruned"]
+        if self.prune_step is not None and "resolved_steps" not in state:  # a checkpoint of an earlier version
+            self._resolved_steps["prune_at"] = {"value": self.prune_at, "step": self.prune_step}

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from step_lightning.callbacks.arguments import resolve_step, target_problems
+from step_lightning.callbacks.arguments import target_problems
 from step_lightning.callbacks.base import NMSparsityCallback, NonFiniteLoss
 from step_lightning.checks import (
     IntAtLeast2,
@@ -187,15 +187,15 @@ class STEPCallback(NMSparsityCallback):
         assert self._optimizer is not None
         total = trainer.estimated_stepping_batches
         if self.switch != "auto":
-            self._fixed_switch = resolve_step(self.switch, total, "switch")  # type: ignore[arg-type]
+            self._fixed_switch = self._resolve_step("switch", self.switch, total)  # type: ignore[arg-type]
             if self._phase == "precondition" and self._fixed_switch >= total:
                 rank_zero_warn(f"STEPCallback: `switch`={self.switch} is at or after the run's last optimizer step "
                                f"({total}): this run stays dense and never learns N:M masks.")
         elif self.autoswitch is None:
             beta2 = self._optimizer.param_groups[0]["betas"][1]
-            t_max = resolve_step(self.autoswitch_t_max, total, "autoswitch_t_max")
-            t_min = None if self.autoswitch_t_min is None else resolve_step(self.autoswitch_t_min, total,
-                                                                            "autoswitch_t_min")
+            t_max = self._resolve_step("autoswitch_t_max", self.autoswitch_t_max, total)
+            t_min = None if self.autoswitch_t_min is None else self._resolve_step("autoswitch_t_min",
+                                                                                  self.autoswitch_t_min, total)
             self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max=t_max,
                                          statistic=self.autoswitch_statistic, beta2=beta2,
                                          check_every=self.autoswitch_check_every)

@@ -57,6 +57,35 @@ def test_resume_equals_uninterrupted(tmp_path: Path, recipe: str) -> None:
             assert all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
 
 
+@pytest.mark.parametrize(
+    ("recipe", "argument", "step"),
+    [
+        (lambda: (STEPCallback(switch=0.5), "step_adamw"), "switch", 6),
+        (lambda: (STEPCallback(switch="auto", autoswitch_window=3, autoswitch_t_max=0.5), "step_adamw"),
+         "autoswitch_t_max", 6),
+        (lambda: (ASPCallback(prune_at=0.5), "adamw"), "prune_at", 6),
+    ],
+)
+def test_fractional_steps_resolve_as_when_the_run_started(tmp_path: Path, recipe: Any, argument: str,
+                                                          step: int) -> None:
+    # Half of 12 steps is step 6. Resumed at step 4 with max_steps=20, half the run would be step 10: the resumed
+    # run keeps step 6 (what it would have done uninterrupted) and says so.
+    callback, optimizer = recipe()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    train, _ = tiny_loaders(n=32)
+    tiny_trainer(tmp_path, [callback, checkpoints], max_steps=MAX_STEPS, enable_checkpointing=True).fit(
+        TinyModule(optimizer), train)
+    callback, optimizer = recipe()
+    with pytest.warns(UserWarning, match=rf"`{argument}`=0.5 resolves to step 10 of this run's 20 optimizer steps, "
+                                         rf"but to step {step} when the run started: keeping step {step}"):
+        tiny_trainer(tmp_path, [callback], max_steps=20).fit(TinyModule(optimizer), train,
+                                                              ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    if isinstance(callback, STEPCallback):
+        assert callback.switch_step == step + (argument == "autoswitch_t_max")  # AutoSwitch: after step t_max
+    else:
+        assert callback.prune_step == step
+
+
 def test_checkpoint_saved_while_masked_holds_dense_weights(tmp_path: Path) -> None:
     class SaveMidStep(pl.Callback):
         def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
