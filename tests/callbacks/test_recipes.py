@@ -497,5 +497,31 @@ def test_step_reports_every_problem_at_once() -> None:
         STEPCallback(4, 4, switch=-3, sr_ste_decay=-1.0, autoswitch_statistic="x", include=["("])  # type: ignore
 
 
-def test_stepadamw_exported() -> None:
-    assert issubclass(StepAdamW, torch.optim.Optimizer)
+def test_stepadamw_is_driven_by_lr_schedulers_as_a_torch_optimizer(tmp_path: Path) -> None:
+    # torch's LRScheduler refuses anything but a torch.optim.Optimizer, and StepAdamW must read the learning rate
+    # the scheduler writes into its param groups in every step, before and after the freeze.
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    opt = StepAdamW([w], lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: [1.0, 0.0, 0.0, 1.0, 1.0][k])
+    moved = []
+    for k in range(4):
+        if k == 2:
+            opt.freeze_second_moment([w])
+        before, w.grad = w.detach().clone(), torch.randn_like(w)
+        opt.step()
+        scheduler.step()
+        moved.append(not torch.equal(before, w))
+    assert moved == [True, False, False, True]  # lr = 0 stops both the AdamW and the frozen update
+
+    class Scheduled(TinyModule):  # and through Lightning's optimizer and scheduler handling
+        def configure_optimizers(self) -> Any:
+            optimizer = StepAdamW(self.parameters(), lr=1e-2)
+            return {"optimizer": optimizer, "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5), "interval": "step"}}
+
+    model, cb = Scheduled(), STEPCallback(switch=2)
+    train, _ = tiny_loaders()
+    tiny_trainer(tmp_path, [cb], max_steps=4).fit(model, train)
+    assert model.optimizers().optimizer is model.trainer.optimizers[0]
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**4)
+    assert cb.switch_step == 2
