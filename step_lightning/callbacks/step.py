@@ -21,7 +21,7 @@ from step_lightning.checks import (
     PositiveInt,
     check_arguments,
 )
-from step_lightning.optim import AutoSwitch, Statistic, StepAdamW, WarmupDecayLR
+from step_lightning.optim import SAMPLE_KEYS, AutoSwitch, Statistic, StepAdamW, WarmupDecayLR
 
 Phase = Literal["precondition", "mask_learning"]
 
@@ -119,8 +119,8 @@ class STEPCallback(NMSparsityCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         sr_ste_decay: NonNegativeFloat = 0.0,
-        autoswitch_threshold: PositiveFloat = 1e-8,
-        autoswitch_statistic: Statistic = "reference",
+        autoswitch_threshold: PositiveFloat = 0.2,
+        autoswitch_statistic: Statistic = "log_drift",
         autoswitch_window: PositiveInt | None = None,
         autoswitch_t_min: NonNegativeInt | OpenUnitInterval | None = None,
         autoswitch_t_max: PositiveInt | OpenUnitInterval = 0.5,
@@ -239,7 +239,7 @@ class STEPCallback(NMSparsityCallback):
             if stats is None:
                 return
             nonfinite = self.autoswitch.num_nonfinite
-            decide = self.autoswitch.observe(stats["abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"])
+            decide = self.autoswitch.observe(stats[SAMPLE_KEYS[self.autoswitch.statistic]])
             if self.autoswitch.num_nonfinite > nonfinite:
                 rank_zero_warn(f"STEPCallback: the AutoSwitch window holds NaN/inf at optimizer step "
                                f"{self.autoswitch.t} (phase 'precondition'); it cannot switch on the statistic until "
@@ -254,7 +254,7 @@ class STEPCallback(NMSparsityCallback):
                     rank_zero_warn(
                         f"STEPCallback: AutoSwitch reached autoswitch_t_max={self.autoswitch.t_max} without the "
                         f"{self.autoswitch_statistic} statistic falling below {self.autoswitch.threshold:g} (last "
-                        f"checked window mean: {self.autoswitch.last_window_mean}); switching now. Consider "
+                        f"checked window value: {self.autoswitch.last_window_mean}); switching now. Consider "
                         "another `autoswitch_threshold` or `autoswitch_statistic` (see sparsity/autoswitch_*)."
                     )
                 self._do_switch()
@@ -277,10 +277,10 @@ class STEPCallback(NMSparsityCallback):
             metrics["sparsity/autoswitch_threshold"] = self.autoswitch.threshold
             stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
             if stats is not None:
-                key = "abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"
-                metrics["sparsity/autoswitch_stat"] = stats[key]
+                metrics["sparsity/autoswitch_stat"] = stats[SAMPLE_KEYS[self.autoswitch.statistic]]
                 metrics["sparsity/autoswitch_abs_dv"] = stats["abs_dv"]
                 metrics["sparsity/autoswitch_rel_dv"] = stats["rel_dv"]
+                metrics["sparsity/autoswitch_log_v_hat"] = stats["log_v_hat"]
             mean = self.autoswitch.window_mean()
             if mean is not None and self._phase == "precondition":
                 metrics["sparsity/autoswitch_window_mean"] = mean
