@@ -33,14 +33,16 @@ class AutoSwitch:
 
     * ``"log_drift"`` (the default of :class:`~step_lightning.STEPCallback`): the sample is
       ``s_t = mean log v_hat_t``, the log of the geometric mean of Adam's bias-corrected second moment over
-      the watched elements. The window value is ``|s_t - s_(t-window)|``: by how much (in log units; 0.1 is
-      about 10 %) the typical ``v_hat`` moved over the last window (before the window is full, the drift
-      since the first sample extrapolated to one window). Scaling the loss by ``c`` shifts every ``s_t``
-      by ``2 log c``, so the drift, and the switch step, do not depend on the gradients' scale; and
-      ``v_hat`` is bias-corrected, so the drift does not merely count the steps the moving average needs to
-      fill. It falls when the gradients' magnitudes stop changing (for gradients that keep shrinking,
-      ``v_hat`` keeps following them and the drift stays up). A threshold of 0.1 to 0.3 is a sensible
-      range (studies/AUTOSWITCH.md).
+      the watched elements. The window value is the spread ``max - min`` of ``s_(t-window) .. s_t``: the
+      largest drift of the typical ``v_hat`` between two steps of the last window, in log units (0.1 is
+      about 10 %); before the window is full, the spread so far extrapolated to one window
+      (``x window / steps``). The spread, unlike the end-to-end drift ``|s_t - s_(t-window)|``, is not
+      fooled by a ``v_hat`` that rose and fell back within the window. Scaling the loss by ``c`` shifts
+      every ``s_t`` by ``2 log c``, so the spread, and the switch step, do not depend on the gradients'
+      scale; and ``v_hat`` is bias-corrected, so the spread does not merely count the steps the moving
+      average needs to fill. It falls when the gradients' magnitudes stop changing (for gradients that
+      keep shrinking, ``v_hat`` follows them and the spread stays up). Measured thresholds:
+      studies/AUTOSWITCH.md.
     * ``"reference"`` (the paper's test): the sample is ``mean |v_t - v_(t-1)|``, the window value the
       window mean, against Adam's ``eps`` (1e-8). That statistic scales with the squared gradients; at
       real model scales it is about 1e-9 to 1e-12 from the first steps, so in practice this test
@@ -128,17 +130,16 @@ class AutoSwitch:
 
     def window_mean(self) -> Tensor | None:
         """The window value the test compares with the threshold (a device tensor), or ``None`` before it
-        exists: the mean of the samples in the window, or for ``"log_drift"`` the drift ``|s_t - s_(t-window)|``
-        (needs two samples)."""
+        exists: the mean of the samples in the window, or for ``"log_drift"`` the spread
+        ``max - min`` of the levels ``s_(t-window) .. s_t`` (needs two levels)."""
         if self._buffer is None or self.t == 0:
             return None
         if self.statistic != "log_drift":
             return self._buffer[: min(self.t, self.window)].mean()
-        span = min(self.t - 1, self.window)
-        if span == 0:
+        levels = self._buffer[: min(self.t, self._size)]  # the ring's filled slots, in any order
+        if len(levels) < 2:
             return None
-        newest, oldest = (self.t - 1) % self._size, (self.t - 1 - span) % self._size
-        return (self._buffer[newest] - self._buffer[oldest]).abs() * (self.window / span)
+        return (levels.amax() - levels.amin()) * (self.window / (len(levels) - 1))
 
     def observe(self, value: Tensor | float) -> bool:
         """Record the statistic of step ``t + 1``; return ``True`` exactly at the step that switches."""

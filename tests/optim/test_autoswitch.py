@@ -101,17 +101,17 @@ def test_history_records_every_check_and_survives_state_dict() -> None:
     assert twin.history == s.history
 
 
-def test_log_drift_tests_the_drift_of_the_level_over_one_window() -> None:
+def test_log_drift_tests_the_spread_of_the_levels_over_one_window() -> None:
     s = AutoSwitch(threshold=0.25, window=4, t_min=0, t_max=100, statistic="log_drift")
-    # levels s_t fall by 0.5, 0.3, 0.2, 0.1, 0.05, 0.05, 0.05 ...; the drift over 4 steps first drops below 0.25
-    # at t=8: |s_8 - s_4| = 0.05 * 3 + 0.1 = 0.25 (not below), t=9: 0.05 * 4 = 0.2.
-    levels = [0.0, -0.5, -0.8, -1.0, -1.1, -1.15, -1.2, -1.25, -1.3, -1.35]
-    assert s.observe(torch.tensor(levels[0])) is False and s.history == []  # one level: no drift yet
-    assert feed(s, levels[1:]) == 9
+    # levels s_t rise, fall back (t=5 equals t=1: an end-to-end drift of 0 that must not pass), then settle.
+    levels = [0.0, 0.3, 0.5, 0.3, 0.0, -0.1, -0.15, -0.2, -0.25, -0.3]
+    assert s.observe(torch.tensor(levels[0])) is False and s.history == []  # one level: no spread yet
+    assert feed(s, levels[1:]) == 10
     steps, values = zip(*s.history, strict=True)
-    assert steps == tuple(range(2, 10))
-    # before the window is full: the drift since the first level, per window (|s_2 - s_1| * 4 / 1, ...).
-    expected = [2.0, 0.8 * 4 / 2, 1.0 * 4 / 3, 1.1, 0.65, 0.4, 0.25, 0.2]
+    assert steps == tuple(range(2, 11))
+    # before the window is full: the spread so far, per window (0.3 * 4 / 1, 0.5 * 4 / 2, 0.5 * 4 / 3); then the
+    # spread of the last 5 levels: 0.5 at t=5 (though s_5 = s_1), 0.25 at t=9 (not below), 0.2 at t=10.
+    expected = [1.2, 1.0, 0.5 * 4 / 3, 0.5, 0.6, 0.65, 0.5, 0.25, 0.2]
     torch.testing.assert_close(torch.tensor(values), torch.tensor(expected))
 
 
