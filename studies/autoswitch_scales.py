@@ -100,6 +100,22 @@ def switch_step(values: list[float], threshold: float, t_min: int, t_max: int, c
     return len(values), "end"
 
 
+def report_curves(records: list[dict[str, float]], window: int, t_min: int, t_max: int, check_every: int,
+                  every: int) -> dict[str, Any]:
+    """Print each statistic's window value every ``every`` steps and where each candidate threshold switches."""
+    per_stat: dict[str, Any] = {}
+    for statistic, key in SAMPLE_KEYS.items():
+        values = window_values([r[key] for r in records], statistic, window)
+        row = " ".join(f"{t}:{values[t - 1]:.3g}" for t in range(every, len(values) + 1, every))
+        print(f"{statistic:>9} window value at step  {row}")
+        switches = {thr: switch_step(values, thr, t_min, t_max, check_every) for thr in CANDIDATES[statistic]}
+        print(f"{statistic:>9} switch (t_min {t_min}, t_max {t_max}): "
+              + ", ".join(f"{thr:g} -> {s} ({why})" for thr, (s, why) in switches.items()))
+        per_stat[statistic] = {str(k): v for k, v in switches.items()}
+    return {"records": records, "switches": per_stat, "window": window, "t_min": t_min, "t_max": t_max,
+            "check_every": check_every}
+
+
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["curves", "switch"])
@@ -110,6 +126,12 @@ def main_cli() -> None:
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="CLI overrides for the fit")
     args = parser.parse_args()
     results: dict[str, Any] = {}
+    if args.from_json is not None:
+        for scale, run in json.loads(args.from_json.read_text()).items():
+            print(f"\n=== loss x {float(scale):g}: window {run.get('window', 50)}, t_min {run['t_min']}")
+            report_curves(run["records"], run.get("window", 50), run["t_min"], run["t_max"],
+                          run.get("check_every", 10), args.every)
+        return
     for scale in args.scales:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,16 +155,7 @@ def main_cli() -> None:
                                    "t_min": sw.t_min, "t_max": sw.t_max, "val_acc": acc, "history": sw.history}
             continue
         t_max = total // 2  # the quickstart's autoswitch_t_max: 0.5
-        per_stat: dict[str, Any] = {}
-        for statistic, key in SAMPLE_KEYS.items():
-            values = window_values([r[key] for r in records], statistic, sw.window)
-            row = " ".join(f"{t}:{values[t - 1]:.3g}" for t in range(args.every, len(values) + 1, args.every))
-            print(f"{statistic:>9} window value at step  {row}")
-            switches = {thr: switch_step(values, thr, sw.t_min, t_max, sw.check_every) for thr in CANDIDATES[statistic]}
-            print(f"{statistic:>9} switch (t_max {t_max}): "
-                  + ", ".join(f"{thr:g} -> {s} ({why})" for thr, (s, why) in switches.items()))
-            per_stat[statistic] = {"values": values, "switches": {str(k): v for k, v in switches.items()}}
-        results[str(scale)] = {"records": records, "statistics": per_stat, "t_min": sw.t_min, "t_max": t_max}
+        results[str(scale)] = report_curves(records, sw.window, sw.t_min, t_max, sw.check_every, args.every)
     if args.json is not None:
         args.json.write_text(json.dumps(results))
 
