@@ -21,7 +21,7 @@ from step_lightning.checks import (
     PositiveInt,
     check_arguments,
 )
-from step_lightning.optim import AutoSwitch, Statistic, StepAdamW, WarmupDecayLR
+from step_lightning.optim import SAMPLE_KEYS, AutoSwitch, Statistic, StepAdamW, WarmupDecayLR
 
 Phase = Literal["precondition", "mask_learning"]
 
@@ -70,10 +70,15 @@ class STEPCallback(NMSparsityCallback):
         include: regexes on parameter names; when given, exactly the matching weights are masked.
         exclude: regexes on parameter names that are never masked.
         sr_ste_decay: ``lambda_w`` of the SR-STE term in phase 2 (0: plain STE, the reference).
-        autoswitch_threshold: switch when the window mean of the statistic is below this. Reference:
-            Adam's eps (1e-8) for ``autoswitch_statistic="reference"``.
-        autoswitch_statistic: ``"reference"`` (mean ``|v_t - v_{t-1}|``) or ``"relative"`` (the same
-            divided by mean ``v_t``; scale-free, e.g. ``autoswitch_threshold=1e-3``). Both are logged.
+        autoswitch_threshold: switch when the statistic's window value is below this. Default 0.25 for
+            ``"log_drift"`` (measured on the quickstart: studies/AUTOSWITCH.md); reference: Adam's eps (1e-8)
+            for ``"reference"``; e.g. 5e-3 for ``"relative"``.
+        autoswitch_statistic: ``"log_drift"`` (default: the spread over the window of the log geometric
+            mean of the bias-corrected ``v_hat``; its switch step does not depend on the loss scale),
+            ``"reference"`` (the paper's window mean of mean ``|v_t - v_{t-1}|``; in practice below 1e-8
+            from the first steps, so it switches at ``autoswitch_t_min``) or ``"relative"`` (mean ``|dv|``
+            / mean ``v`` of the raw ``v``, about ``1 / t`` while the average fills: its threshold mostly picks
+            a step count). See :class:`~step_lightning.AutoSwitch`. All three are logged.
         autoswitch_window: samples in the sliding window; ``None`` means ``1 / (1 - beta2)`` of the
             optimizer (1000 for beta2 = 0.999).
         autoswitch_t_min: no switch on the statistic before this step: an int, a float fraction of
@@ -119,8 +124,8 @@ class STEPCallback(NMSparsityCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         sr_ste_decay: NonNegativeFloat = 0.0,
-        autoswitch_threshold: PositiveFloat = 1e-8,
-        autoswitch_statistic: Statistic = "reference",
+        autoswitch_threshold: PositiveFloat = 0.25,
+        autoswitch_statistic: Statistic = "log_drift",
         autoswitch_window: PositiveInt | None = None,
         autoswitch_t_min: NonNegativeInt | OpenUnitInterval | None = None,
         autoswitch_t_max: PositiveInt | OpenUnitInterval = 0.5,
@@ -257,7 +262,7 @@ class STEPCallback(NMSparsityCallback):
             if stats is None:
                 return
             nonfinite = self.autoswitch.num_nonfinite
-            decide = self.autoswitch.observe(stats["abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"])
+            decide = self.autoswitch.observe(stats[SAMPLE_KEYS[self.autoswitch.statistic]])
             if self.autoswitch.num_nonfinite > nonfinite:
                 rank_zero_warn(f"STEPCallback: the AutoSwitch window holds NaN/inf at optimizer step "
                                f"{self.autoswitch.t} (phase 'precondition'); it cannot switch on the statistic until "
@@ -272,7 +277,7 @@ class STEPCallback(NMSparsityCallback):
                     rank_zero_warn(
                         f"STEPCallback: AutoSwitch reached autoswitch_t_max={self.autoswitch.t_max} without the "
                         f"{self.autoswitch_statistic} statistic falling below {self.autoswitch.threshold:g} (last "
-                        f"checked window mean: {self.autoswitch.last_window_mean}); switching now. Consider "
+                        f"checked window value: {self.autoswitch.last_window_mean}); switching now. Consider "
                         "another `autoswitch_threshold` or `autoswitch_statistic` (see sparsity/autoswitch_*)."
                     )
                 self._do_switch()
@@ -295,10 +300,10 @@ class STEPCallback(NMSparsityCallback):
             metrics["sparsity/autoswitch_threshold"] = self.autoswitch.threshold
             stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
             if stats is not None:
-                key = "abs_dv" if self.autoswitch_statistic == "reference" else "rel_dv"
-                metrics["sparsity/autoswitch_stat"] = stats[key]
+                metrics["sparsity/autoswitch_stat"] = stats[SAMPLE_KEYS[self.autoswitch.statistic]]
                 metrics["sparsity/autoswitch_abs_dv"] = stats["abs_dv"]
                 metrics["sparsity/autoswitch_rel_dv"] = stats["rel_dv"]
+                metrics["sparsity/autoswitch_log_v_hat"] = stats["log_v_hat"]
             mean = self.autoswitch.window_mean()
             if mean is not None and self._phase == "precondition":
                 metrics["sparsity/autoswitch_window_mean"] = mean

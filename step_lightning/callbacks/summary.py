@@ -33,9 +33,17 @@ def layer_table(recipe: NMSparsityCallback) -> str:
     return "\n".join(rows)
 
 
+YLABELS = {
+    "log_drift": "spread of log geomean(v_hat) over the window",
+    "reference": "window mean of mean |v_t - v_{t-1}|",
+    "relative": "window mean of mean |dv| / mean v",
+}
+
+
 def autoswitch_figure(history: list[tuple[int, float]], threshold: float, switch_step: int | None,
                       statistic: str) -> Any:
-    """A matplotlib figure of the AutoSwitch window mean against its threshold, the switch marked."""
+    """A matplotlib figure of the AutoSwitch window value (what the test compares) against its threshold, the
+    switch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,13 +52,13 @@ def autoswitch_figure(history: list[tuple[int, float]], threshold: float, switch
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if history:
         steps, means = zip(*history, strict=True)
-        ax.plot(steps, means, label=f"window mean ({statistic} statistic)")
+        ax.plot(steps, means, label=f"window value ({statistic} statistic)")
     ax.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
     if switch_step is not None:
         ax.axvline(switch_step, color="tab:green", linestyle=":", label=f"switch after step {switch_step}")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean |v_t - v_{t-1}|" if statistic == "reference" else "mean |dv| / mean v")
+    ax.set_ylabel(YLABELS.get(statistic, statistic))
     ax.set_title("STEP AutoSwitch")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -63,8 +71,9 @@ class SparsitySummary(Callback):
     * ``sparsity/layers`` (TensorBoard text) and ``<log_dir>/sparsity_layers.md``: per masked weight,
       its shape, N:M, kept fraction and last measured mask flip rate;
     * ``sparsity/autoswitch`` (TensorBoard figure) and ``<log_dir>/autoswitch.png`` (STEP with
-      ``switch="auto"``): the AutoSwitch window mean at every check against its threshold, on a log
-      scale, with the switch step marked.
+      ``switch="auto"``): the AutoSwitch window value at every check (for ``"log_drift"`` the spread of the
+      log geometric-mean ``v_hat`` over the window) against its threshold, on a log scale, with the switch
+      step marked.
 
     It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer and does nothing without one.
 

@@ -10,51 +10,78 @@ from torch import Tensor
 
 from step_lightning.checks import NonNegativeInt, PositiveFloat, PositiveInt, UnitIntervalOpenRight, check_arguments
 
-Statistic = Literal["reference", "relative"]
+Statistic = Literal["log_drift", "reference", "relative"]
 STATISTICS: tuple[str, ...] = get_args(Statistic)
+#: The entry of :attr:`StepAdamW.second_moment_stats <step_lightning.StepAdamW.second_moment_stats>` that each
+#: statistic samples once per step.
+SAMPLE_KEYS: dict[str, str] = {"log_drift": "log_v_hat", "reference": "abs_dv", "relative": "rel_dv"}
 
 
 class AutoSwitch:
     """The sliding-window test that ends STEP's precondition phase.
 
-    Call :meth:`observe` once per (real, not skipped) optimizer step with that step's statistic. The
-    samples go into a device-side ring buffer of the last ``window`` values, so observing never
-    synchronises with the host; the test itself runs every ``check_every`` steps and then switches
-    when
+    Call :meth:`observe` once per (real, not skipped) optimizer step with that step's sample of the
+    statistic (``StepAdamW.second_moment_stats[SAMPLE_KEYS[statistic]]``). The samples go into a
+    device-side ring buffer, so observing never synchronises with the host; the test itself runs every
+    ``check_every`` steps and then switches when
 
-    * the mean over the window is below ``threshold`` and the step count ``t > t_min``, or
+    * the window value (:meth:`window_mean`) is below ``threshold`` and the step count ``t > t_min``, or
     * ``t > t_max``, unconditionally (without it a run whose statistic never falls below the
       threshold would stay dense forever).
 
-    A window holding NaN/inf has a NaN/inf mean and never passes the threshold test; such checks are
+    The statistics, and what their window value is:
+
+    * ``"log_drift"`` (the default of :class:`~step_lightning.STEPCallback`): the sample is
+      ``s_t = mean log v_hat_t``, the log of the geometric mean of Adam's bias-corrected second moment over
+      the watched elements. The window value is the spread ``max - min`` of ``s_(t-window) .. s_t``: the
+      largest drift of the typical ``v_hat`` between two steps of the last window, in log units (0.1 is
+      about 10 %); before the window is full, the spread so far extrapolated to one window
+      (``x window / steps``). The spread, unlike the end-to-end drift ``|s_t - s_(t-window)|``, is not
+      fooled by a ``v_hat`` that rose and fell back within the window. Scaling the loss by ``c`` shifts
+      every ``s_t`` by ``2 log c``, so the spread, and the switch step, do not depend on the gradients'
+      scale; and ``v_hat`` is bias-corrected, so the spread does not merely count the steps the moving
+      average needs to fill. It falls when the gradients' magnitudes stop changing (for gradients that
+      keep shrinking, ``v_hat`` follows them and the spread stays up). Measured thresholds:
+      studies/AUTOSWITCH.md.
+    * ``"reference"`` (the paper's test): the sample is ``mean |v_t - v_(t-1)|``, the window value the
+      window mean, against Adam's ``eps`` (1e-8). That statistic scales with the squared gradients; at
+      real model scales it is about 1e-9 to 1e-12 from the first steps, so in practice this test
+      switches at ``t_min`` (or at ``t_max`` if ``t_min`` is later).
+    * ``"relative"``: the sample is ``sum |v_t - v_(t-1)| / sum v_t`` of the raw, bias-uncorrected ``v``,
+      the window value the window mean. It is scale-free, but while the moving average fills
+      (``t << 1 / (1 - beta2)``) it is about ``1 / t`` for steady gradients, so its threshold mostly
+      picks a step count (about ``1 / threshold``); once the gradients vanish it settles near
+      ``1 - beta2``.
+
+    A window holding NaN/inf has a NaN/inf value and never passes the threshold test; such checks are
     counted in :attr:`num_nonfinite` so callers can report them. Every check also appends
-    ``(step, window mean)`` to :attr:`history` (from the first check on, ``t_min`` or not), the curve
+    ``(step, window value)`` to :attr:`history` (from the first check on, ``t_min`` or not), the curve
     to plot against the threshold.
 
     Raises:
-        ValueError: an argument out of its range (all of them named at once).
+        ValueError: an argument out of its range (all of them named at once); at
+            :meth:`load_state_dict`, a state saved for another statistic.
 
     Args:
-        threshold: the switch threshold on the window mean. Reference: Adam's ``eps`` (1e-8) for the
-            ``"reference"`` statistic. The statistic scales with the gradients (loss scaling, width), so
-            for ``"relative"`` pick a threshold on ``mean|dv| / mean(v)`` instead (e.g. 1e-3).
-        window: number of samples averaged; ``None`` means ``1 / (1 - beta2)`` (1000 for 0.999).
+        threshold: the switch threshold on the window value: e.g. 0.2 for ``"log_drift"`` (a 20 % drift of
+            the geometric-mean ``v_hat`` over one window), Adam's ``eps`` (1e-8) for ``"reference"``, a
+            ratio such as 5e-3 for ``"relative"``.
+        window: the window, in steps; ``None`` means ``1 / (1 - beta2)`` (1000 for 0.999).
         t_min: never switch on the statistic at or before this step; ``None`` means ``window`` (the
-            window must be full before its mean is trusted).
+            window must be full before its value is trusted).
         t_max: switch unconditionally once ``t > t_max``. Required (keyword-only): a STEP run always ends its dense
             phase (:class:`~step_lightning.STEPCallback` defaults it to a fraction of the run).
-        statistic: which statistic the caller feeds: ``"reference"`` (``mean |v_t - v_{t-1}|``) or
-            ``"relative"`` (the same divided by ``mean v_t``, scale-free). Recorded here so that the
-            threshold and the statistic travel together in checkpoints.
+        statistic: which statistic the caller feeds (see above). Recorded here so that the threshold and
+            the statistic travel together in checkpoints.
         beta2: Adam's ``beta2``; only used to default ``window``.
         check_every: run the test every this many steps (each test reads one scalar from the device).
 
     Example::
 
-        switch = AutoSwitch(threshold=1e-8, t_max=5000)
+        switch = AutoSwitch(threshold=0.2, t_max=5000, statistic="log_drift")
         for step in ...:
             optimizer.step()
-            if switch.observe(optimizer.second_moment_stats["abs_dv"]):
+            if switch.observe(optimizer.second_moment_stats[SAMPLE_KEYS[switch.statistic]]):
                 optimizer.freeze_second_moment(masked_params)
     """
 
@@ -89,18 +116,30 @@ class AutoSwitch:
     def switched(self) -> bool:
         return self.switch_step is not None
 
+    @property
+    def _size(self) -> int:
+        # log_drift keeps the levels s_(t-window) .. s_t: window + 1 samples.
+        return self.window + 1 if self.statistic == "log_drift" else self.window
+
     def _ring(self, like: Tensor) -> Tensor:
         if self._buffer is None:
-            self._buffer = torch.zeros(self.window, dtype=torch.float32, device=like.device)
+            self._buffer = torch.zeros(self._size, dtype=torch.float32, device=like.device)
         elif self._buffer.device != like.device:
             self._buffer = self._buffer.to(like.device)
         return self._buffer
 
     def window_mean(self) -> Tensor | None:
-        """Mean of the samples in the window (a device tensor), or ``None`` before the first sample."""
+        """The window value the test compares with the threshold (a device tensor), or ``None`` before it
+        exists: the mean of the samples in the window, or for ``"log_drift"`` the spread
+        ``max - min`` of the levels ``s_(t-window) .. s_t`` (needs two levels)."""
         if self._buffer is None or self.t == 0:
             return None
-        return self._buffer[: min(self.t, self.window)].mean()
+        if self.statistic != "log_drift":
+            return self._buffer[: min(self.t, self.window)].mean()
+        levels = self._buffer[: min(self.t, self._size)]  # the ring's filled slots, in any order
+        if len(levels) < 2:
+            return None
+        return (levels.amax() - levels.amin()) * (self.window / (len(levels) - 1))
 
     def observe(self, value: Tensor | float) -> bool:
         """Record the statistic of step ``t + 1``; return ``True`` exactly at the step that switches."""
@@ -108,14 +147,17 @@ class AutoSwitch:
             return False
         value = torch.as_tensor(value)
         buf = self._ring(value)
-        buf[self.t % self.window] = value.detach().to(torch.float32)
+        buf[self.t % self._size] = value.detach().to(torch.float32)
         self.t += 1
         if self.t > self.t_max:
             self._switch("t_max")
             return True
         if self.t % self.check_every != 0:
             return False
-        mean = float(self.window_mean())  # type: ignore[arg-type]  # the one host sync per check
+        value = self.window_mean()
+        if value is None:
+            return False
+        mean = float(value)  # the one host sync per check
         self.last_window_mean = mean
         self.history.append((self.t, mean))
         if not math.isfinite(mean):
@@ -148,6 +190,14 @@ class AutoSwitch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["statistic"] != self.statistic:
+            # The window holds samples of the saved statistic: testing them against another one's threshold
+            # would switch on meaningless numbers.
+            raise ValueError(
+                f"AutoSwitch: the checkpoint's AutoSwitch watched the {state['statistic']!r} statistic, this run is "
+                f"configured with {self.statistic!r}. Resume with --recipe.init_args.autoswitch_statistic "
+                f"{state['statistic']} (or start a new run to change the statistic)."
+            )
         for key in ("threshold", "window", "t_min", "t_max", "statistic", "check_every", "t", "switch_step",
                     "switched_by", "num_nonfinite", "last_window_mean"):
             setattr(self, key, state[key])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -14,6 +15,9 @@ from step_lightning.checks import NonNegativeFloat, PositiveFloat, UnitIntervalO
 
 FROZEN_V = "frozen_exp_avg_sq"
 """State key of the raw second moment ``v*`` of a frozen parameter (the key ``exp_avg_sq`` had before the freeze)."""
+# v at or below the smallest normal float32 counts as 0 (never had a gradient): it maps to log(v / TINY) = 0 exactly.
+_TINY = torch.finfo(torch.float32).tiny
+_LOG_TINY = math.log(_TINY)
 
 
 class StepAdamW(Optimizer):
@@ -40,8 +44,16 @@ class StepAdamW(Optimizer):
 
     For the AutoSwitch test it can also measure, for parameters passed to :meth:`watch`, how fast the
     second moment still moves: after each step :attr:`second_moment_stats` holds device scalars (no
-    host sync) ``abs_dv = mean |v_t - v_{t-1}|`` and ``rel_dv = abs_dv / mean v_t`` over all watched,
-    unfrozen elements. ``v_t - v_{t-1} = (1 - beta2)(g^2 - v_{t-1})``, so no copy of ``v`` is kept.
+    host sync), over the elements of the watched, unfrozen parameters that have a gradient in that step
+    (a watched weight without one is left out of every mean, as if it were not watched):
+
+    * ``abs_dv = mean |v_t - v_{t-1}|`` (``v_t - v_{t-1} = (1 - beta2)(g^2 - v_{t-1})``, so no copy of
+      ``v`` is kept);
+    * ``rel_dv = sum |v_t - v_{t-1}| / sum v_t``, of the raw, bias-uncorrected ``v``;
+    * ``log_v_hat = mean log v_hat_t``, the log of the geometric mean of the bias-corrected second moment
+      ``v_hat = v / (1 - beta2 ** k)``, over the elements with ``v > 0`` (an element that never had a
+      nonzero gradient has no scale to measure). Scaling the loss by ``c`` shifts it by ``2 log c``, so
+      its changes are scale-free. One extra pass over ``v``, in the scratch buffer of ``abs_dv``.
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
@@ -79,7 +91,6 @@ class StepAdamW(Optimizer):
                         frozen_bias_correction=frozen_bias_correction)
         super().__init__(params, defaults)
         self._watched: set[int] = set()
-        self._watched_numel = 0
         self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
 
@@ -87,7 +98,7 @@ class StepAdamW(Optimizer):
         # Optimizer.__getstate__ keeps only defaults/state/param_groups (deepcopy, pickling): watching is
         # configuration, set again by whoever watches.
         super().__setstate__(state)
-        self._watched, self._watched_numel, self._scratch, self.second_moment_stats = set(), 0, {}, None
+        self._watched, self._scratch, self.second_moment_stats = set(), {}, None
 
     # ----------------------------------------------------------------------------------------------
     # Freezing and watching
@@ -106,7 +117,6 @@ class StepAdamW(Optimizer):
         """Measure the second-moment change of ``params`` in every step (see :attr:`second_moment_stats`)."""
         found = self._group_of(params, "watch")
         self._watched = {id(p) for p, _ in found}
-        self._watched_numel = sum(p.numel() for p, _ in found)
         self._scratch = {k: v for k, v in self._scratch.items() if k in self._watched}
         self.second_moment_stats = None
 
@@ -197,8 +207,8 @@ class StepAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        abs_dv_sums: list[Tensor] = []
-        v_sums: list[Tensor] = []
+        # Per (group, device, dtype) bucket of watched weights with a gradient: device scalars and host counts.
+        sums: dict[str, list[Any]] = {"abs_dv": [], "v": [], "log_v_hat": [], "nonzero": [], "numel": []}
         for group in self.param_groups:
             # (device, dtype, frozen) -> lists, so each foreach call sees one device and dtype.
             buckets: dict[tuple[torch.device, torch.dtype, bool], dict[str, list[Any]]] = {}
@@ -227,13 +237,15 @@ class StepAdamW(Optimizer):
                 if frozen:
                     self._frozen_update(group, b)
                 else:
-                    self._adamw_update(group, b, abs_dv_sums, v_sums)
+                    self._adamw_update(group, b, sums)
 
-        if self._watched and abs_dv_sums:
-            abs_dv = torch.stack([s.to(abs_dv_sums[0].device, torch.float32) for s in abs_dv_sums]).sum()
-            v_sum = torch.stack([s.to(v_sums[0].device, torch.float32) for s in v_sums]).sum()
-            count = self._watched_numel
-            self.second_moment_stats = {"abs_dv": abs_dv / count, "rel_dv": abs_dv / v_sum}
+        if self._watched and sums["numel"]:
+            def total(key: str) -> Tensor:
+                return torch.stack([x.to(sums[key][0].device, torch.float32) for x in sums[key]]).sum()
+
+            abs_dv = total("abs_dv")
+            self.second_moment_stats = {"abs_dv": abs_dv / sum(sums["numel"]), "rel_dv": abs_dv / total("v"),
+                                        "log_v_hat": total("log_v_hat") / total("nonzero")}
         else:
             self.second_moment_stats = None
         return loss
@@ -242,8 +254,7 @@ class StepAdamW(Optimizer):
     def _count_steps(steps: list[Tensor]) -> None:
         torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
 
-    def _adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], abs_dv_sums: list[Tensor],
-                      v_sums: list[Tensor]) -> None:
+    def _adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]]) -> None:
         # Mirrors torch.optim.adam._multi_tensor_adam (decoupled decay, not capturable) op for op, so
         # that before any freeze the result is bitwise that of torch.optim.AdamW(foreach=True).
         params, grads, exp_avgs, exp_avg_sqs, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
@@ -262,11 +273,25 @@ class StepAdamW(Optimizer):
             dv = self._scratch_for([params[i] for i in watched])
             torch._foreach_copy_(dv, [exp_avg_sqs[i] for i in watched])
             torch._foreach_addcmul_(dv, w_grads, w_grads, -1.0)  # v - g^2
-            abs_dv_sums.append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
+            sums["abs_dv"].append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
+            sums["numel"].append(sum(g.numel() for g in w_grads))
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         if watched:
-            v_sums.append(torch.stack(torch._foreach_norm([exp_avg_sqs[i] for i in watched], 1)).sum())
+            w_v = [exp_avg_sqs[i] for i in watched]
+            sums["v"].append(torch.stack(torch._foreach_norm(w_v, 1)).sum())
+            # sum of log v_hat over v > 0 with foreach ops only: l = log(max(v, TINY) / TINY) is >= 0 (so its
+            # 1-norm is its sum) and exactly 0 where v is 0 (so its 0-norm counts the v > 0);
+            # log v_hat = l + log(TINY) - log(1 - beta2 ** k) on those. The scratch buffer is free again.
+            torch._foreach_copy_(dv, w_v)
+            torch._foreach_clamp_min_(dv, _TINY)
+            torch._foreach_log_(dv)
+            torch._foreach_add_(dv, -_LOG_TINY)
+            nonzero = torch._foreach_norm(dv, 0, dtype=torch.float32)
+            shift = [_LOG_TINY - math.log(1 - beta2 ** steps[i].item()) for i in watched]
+            sums["log_v_hat"].append(torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)).sum()
+                                     + torch.stack(torch._foreach_mul(nonzero, shift)).sum())
+            sums["nonzero"].append(torch.stack(nonzero).sum())
         bias_correction1 = [1 - beta1 ** s.item() for s in steps]
         bias_correction2 = [1 - beta2 ** s.item() for s in steps]
         step_size = [(lr / bc) * -1 for bc in bias_correction1]

@@ -65,6 +65,7 @@ def test_step_autoswitch_threshold_and_logging(tmp_path: Path) -> None:
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ["sparsity/phase", "sparsity/density", "sparsity/flip_rate", "sparsity/autoswitch_stat",
                 "sparsity/autoswitch_threshold", "sparsity/autoswitch_abs_dv", "sparsity/autoswitch_rel_dv",
+                "sparsity/autoswitch_log_v_hat", "sparsity/autoswitch_window_mean",
                 "sparsity/switch_step", "sparsity/layers/net.fc1.weight/flip_rate",
                 "sparsity/layers/net.conv.weight/kept"]:
         assert key in header, key
@@ -97,7 +98,7 @@ def test_step_autoswitch_waits_for_the_end_of_the_warmup(tmp_path: Path, warmup:
 
 def test_step_autoswitch_t_max_warns(tmp_path: Path) -> None:
     cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=3)
-    with pytest.warns(UserWarning, match=r"reached autoswitch_t_max=3 without the reference statistic"):
+    with pytest.warns(UserWarning, match=r"reached autoswitch_t_max=3 without the log_drift statistic"):
         fit(tmp_path, cb, max_steps=6)
     assert cb.switch_step == 4 and cb.autoswitch.switched_by == "t_max"
 
@@ -470,8 +471,8 @@ def test_manual_optimization_is_refused(tmp_path: Path) -> None:
         (lambda: STEPCallback(switch="sometimes"), r"`switch` must be 'auto' or .*, got 'sometimes'"),
         (lambda: STEPCallback(autoswitch_t_max=None), r"`autoswitch_t_max` must be an integer >= 1 or a number in "
                                                       r"\(0, 1\), got None"),
-        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of 'reference', "
-                                                              r"'relative', got 'median'"),
+        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of 'log_drift', "
+                                                              r"'reference', 'relative', got 'median'"),
         (lambda: STEPCallback(autoswitch_threshold=-1.0), r"`autoswitch_threshold` must be a number > 0, got -1.0"),
         (lambda: STEPCallback(autoswitch_window=0), r"`autoswitch_window` must be an integer >= 1 or null, got 0"),
         (lambda: STEPCallback(sr_ste_decay=-1.0), r"`sr_ste_decay` must be a number >= 0"),

@@ -1,4 +1,4 @@
-"""AutoSwitch: window mean below threshold after t_min, unconditional after t_max, never on NaN."""
+"""AutoSwitch: window value below threshold after t_min, unconditional after t_max, never on NaN."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def test_state_dict_roundtrip_continues_identically() -> None:
         (dict(t_max=None), r"`t_max` must be an integer >= 1"),
         (dict(t_max=10, window=0), r"`window` must be an integer >= 1"),
         (dict(t_max=10, t_min=-1), r"`t_min` must be an integer >= 0"),
-        (dict(t_max=10, statistic="median"), r"`statistic` must be one of 'reference', 'relative', got 'median'"),
+        (dict(t_max=10, statistic="median"),
+         r"`statistic` must be one of 'log_drift', 'reference', 'relative', got 'median'"),
         (dict(threshold=float("inf"), t_max=10), r"`threshold` must be a number > 0, got inf"),
         (dict(t_max=10, check_every=0), r"`check_every` must be an integer >= 1"),
         (dict(t_max=10, beta2=1.0), r"`beta2` must be a number in \[0, 1\)"),
@@ -99,3 +100,42 @@ def test_history_records_every_check_and_survives_state_dict() -> None:
     twin = AutoSwitch(threshold=0.5, window=2, t_min=3, t_max=100, check_every=2)
     twin.load_state_dict(s.state_dict())
     assert twin.history == s.history
+
+
+def test_log_drift_tests_the_spread_of_the_levels_over_one_window() -> None:
+    s = AutoSwitch(threshold=0.25, window=4, t_min=0, t_max=100, statistic="log_drift")
+    # levels s_t rise, fall back (t=5 equals t=1: an end-to-end drift of 0 that must not pass), then settle.
+    levels = [0.0, 0.3, 0.5, 0.3, 0.0, -0.1, -0.15, -0.2, -0.25, -0.3]
+    assert s.observe(torch.tensor(levels[0])) is False and s.history == []  # one level: no spread yet
+    assert feed(s, levels[1:]) == 10
+    steps, values = zip(*s.history, strict=True)
+    assert steps == tuple(range(2, 11))
+    # before the window is full: the spread so far, per window (0.3 * 4 / 1, 0.5 * 4 / 2, 0.5 * 4 / 3); then the
+    # spread of the last 5 levels: 0.5 at t=5 (though s_5 = s_1), 0.25 at t=9 (not below), 0.2 at t=10.
+    expected = [1.2, 1.0, 0.5 * 4 / 3, 0.5, 0.6, 0.65, 0.5, 0.25, 0.2]
+    torch.testing.assert_close(torch.tensor(values), torch.tensor(expected))
+
+
+def test_log_drift_ignores_a_constant_shift_of_the_levels() -> None:
+    # Loss x c shifts every level by 2 log c: the same switch step, also for rising levels (|drift|).
+    levels = [0.1 * (1 - 0.8**t) for t in range(40)]
+    steps = set()
+    for shift in (-13.8, 0.0, 13.8):
+        s = AutoSwitch(threshold=0.02, window=5, t_max=100, statistic="log_drift")
+        steps.add(feed(s, [x + shift for x in levels]))
+    assert len(steps) == 1 and None not in steps
+
+
+def test_log_drift_state_dict_roundtrip_and_statistic_mismatch() -> None:
+    levels = [-0.3 * 0.7**t for t in range(30)]
+    full = AutoSwitch(threshold=0.05, window=4, t_max=100, statistic="log_drift")
+    expected = feed(full, levels)
+    part = AutoSwitch(threshold=0.05, window=4, t_max=100, statistic="log_drift")
+    assert expected is not None and expected > 6 and feed(part, levels[:6]) is None
+    resumed = AutoSwitch(threshold=0.05, window=4, t_max=100, statistic="log_drift")
+    resumed.load_state_dict(part.state_dict())
+    assert feed(resumed, levels[6:]) == expected
+    other = AutoSwitch(threshold=0.05, window=4, t_max=100, statistic="relative")
+    with pytest.raises(ValueError, match=r"watched the 'log_drift' statistic, this run is configured with "
+                                         r"'relative'.*autoswitch_statistic log_drift"):
+        other.load_state_dict(part.state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -174,12 +175,64 @@ def test_second_moment_stats_match_a_manual_computation() -> None:
         stats = opt.second_moment_stats
         torch.testing.assert_close(stats["abs_dv"], dv.mean())
         torch.testing.assert_close(stats["rel_dv"], dv.mean() / torch.cat([v.flatten() for v in new_v]).mean())
+        k = int(opt.state[w1]["step"])
+        log_v_hat = torch.cat([(v / (1 - 0.99**k)).log().flatten() for v in new_v]).mean()
+        torch.testing.assert_close(stats["log_v_hat"], log_v_hat)
         old_v = [v.clone() for v in new_v]
     opt.freeze_second_moment([w1, w2])
     for p in (w1, w2, other):
         p.grad = torch.randn_like(p)
     opt.step()
     assert opt.second_moment_stats is None  # only frozen parameters were watched
+
+
+def test_log_v_hat_leaves_out_elements_that_never_had_a_gradient_and_is_scale_free() -> None:
+    def final_stats(scale: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        w = nn.Parameter(torch.randn(4, 8))
+        opt = StepAdamW([w])
+        opt.watch([w])
+        for _ in range(5):
+            g = torch.randn_like(w) * scale
+            g[0] = 0.0  # a row that never gets a gradient: v stays exactly 0 there
+            w.grad = g
+            opt.step()
+        v_hat = opt.state[w]["exp_avg_sq"][1:] / (1 - 0.999**5)
+        assert opt.second_moment_stats is not None
+        torch.testing.assert_close(opt.second_moment_stats["log_v_hat"], v_hat.log().mean())
+        return opt.second_moment_stats
+
+    base, scaled = final_stats(1.0), final_stats(1e3)
+    # Loss x c -> log v_hat + 2 log c, exactly (up to rounding): its changes do not see the gradients' scale.
+    torch.testing.assert_close(scaled["log_v_hat"] - base["log_v_hat"], torch.tensor(2 * math.log(1e3)))
+
+
+def test_stats_average_over_the_watched_weights_with_a_gradient_in_that_step_only() -> None:
+    # A watched weight without a gradient in a step (an unused branch) must not dilute the means: every statistic
+    # equals the one of an optimizer watching only the weights that got a gradient.
+    torch.manual_seed(4)
+    pairs = [(nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 8))) for _ in range(2)]
+    (a, b), (a_ref, b_ref) = pairs
+    a_ref.data.copy_(a.data)
+    b_ref.data.copy_(b.data)
+    opt, ref = StepAdamW([a, b]), StepAdamW([a_ref, b_ref])
+    opt.watch([a, b])
+    for step in range(6):
+        b_gets_grad = step % 2 == 0
+        ga, gb = torch.randn(4, 8), torch.randn(8, 8)
+        a.grad, a_ref.grad = ga.clone(), ga.clone()
+        b.grad = gb.clone() if b_gets_grad else None
+        b_ref.grad = gb.clone() if b_gets_grad else None
+        ref.watch([a_ref, b_ref] if b_gets_grad else [a_ref])
+        opt.step()
+        ref.step()
+        assert opt.second_moment_stats is not None and ref.second_moment_stats is not None
+        for key in ("abs_dv", "rel_dv", "log_v_hat"):
+            torch.testing.assert_close(opt.second_moment_stats[key], ref.second_moment_stats[key], msg=key)
+        if not b_gets_grad:
+            only_a = opt.state[a]["exp_avg_sq"] / (1 - 0.999 ** (step + 1))
+            # log v_hat sums log(v / float32 tiny) ~ 80 per element in float32: ~1e-5 absolute, 1e-4 of a 1 % drift.
+            torch.testing.assert_close(opt.second_moment_stats["log_v_hat"], only_a.log().mean(), atol=1e-4, rtol=0)
 
 
 def test_state_dict_roundtrip_after_freeze_resumes_exactly() -> None:

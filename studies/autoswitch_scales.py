@@ -1,0 +1,164 @@
+"""AutoSwitch statistics on the quickstart (sklearn digits, small CNN, STEP 2:4) at several loss scales.
+
+Two modes, both run the real CLI (``configs/quickstart.yaml``) in this process, with the training loss
+multiplied by each ``--scales`` value (the model's gradients scale with it; Adam's update barely does):
+
+* ``curves``: STEP with AutoSwitch held off (threshold 1e-30, ``t_max`` 0.99), so the precondition phase
+  covers the run; records every step's ``StepAdamW.second_moment_stats`` and prints, per scale and
+  statistic, the window value every ``--every`` steps and the step each candidate threshold would switch
+  at (exact: the run is identical to a STEP run up to its switch).
+* ``switch``: STEP as configured (plus any ``--set`` CLI overrides), printing the switch step, why, and the
+  final val/acc per scale.
+
+    python studies/autoswitch_scales.py curves
+    python studies/autoswitch_scales.py switch
+    python studies/autoswitch_scales.py switch --set --recipe.init_args.autoswitch_statistic reference \
+        --recipe.init_args.autoswitch_threshold 1e-8
+
+Results: studies/AUTOSWITCH.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from step_lightning import STEPCallback  # noqa: E402
+from step_lightning.cli import main  # noqa: E402
+from step_lightning.models.image_classifier import ImageClassifier  # noqa: E402
+from step_lightning.optim import SAMPLE_KEYS  # noqa: E402
+
+CANDIDATES = {"log_drift": [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1], "reference": [1e-8], "relative": [1e-2, 5e-3, 2e-3]}
+
+
+def patch_loss_scale(scale: float) -> None:
+    original = ImageClassifier.__dict__.get("_study_original", ImageClassifier._shared_step)
+    ImageClassifier._study_original = original  # type: ignore[attr-defined]
+
+    def scaled(self: Any, batch: Any, stage: str, metric: Any) -> torch.Tensor:
+        loss = original(self, batch, stage, metric)
+        return loss * scale if stage == "train" else loss
+
+    ImageClassifier._shared_step = scaled  # type: ignore[method-assign]
+
+
+def patch_recorder(records: list[dict[str, float]]) -> None:
+    original = STEPCallback.__dict__.get("_study_original", STEPCallback._after_optimizer_step)
+    STEPCallback._study_original = original  # type: ignore[attr-defined]
+
+    def recording(self: Any, trainer: Any) -> None:
+        stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
+        if stats is not None and self.phase == "precondition":
+            records.append({k: float(v) for k, v in stats.items()})
+        original(self, trainer)
+
+    STEPCallback._after_optimizer_step = recording  # type: ignore[method-assign]
+
+
+def fit(scale: float, extra: list[str], out: Path) -> Any:
+    patch_loss_scale(scale)
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.enable_progress_bar", "false",
+            *extra]
+    os.chdir(out)  # logs/ and checkpoints go to a temporary folder
+    try:
+        return main(args)
+    finally:
+        os.chdir(ROOT)
+
+
+def window_values(samples: list[float], statistic: str, window: int) -> list[float]:
+    """The AutoSwitch window value after each step t = 1.. (NaN where it does not exist yet)."""
+    out = []
+    for t in range(1, len(samples) + 1):
+        if statistic == "log_drift":  # the spread of the last window + 1 levels, per window
+            levels = samples[max(0, t - 1 - window):t]
+            out.append(math.nan if len(levels) < 2 else (max(levels) - min(levels)) * window / (len(levels) - 1))
+        else:
+            chunk = samples[max(0, t - window):t]
+            out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def switch_step(values: list[float], threshold: float, t_min: int, t_max: int, check_every: int) -> tuple[int, str]:
+    for t, v in enumerate(values, start=1):
+        if t > t_max:
+            return t, "t_max"
+        if t % check_every == 0 and t > t_min and v < threshold:
+            return t, "threshold"
+    return len(values), "end"
+
+
+def report_curves(records: list[dict[str, float]], window: int, t_min: int, t_max: int, check_every: int,
+                  every: int) -> dict[str, Any]:
+    """Print each statistic's window value every ``every`` steps and where each candidate threshold switches."""
+    per_stat: dict[str, Any] = {}
+    for statistic, key in SAMPLE_KEYS.items():
+        values = window_values([r[key] for r in records], statistic, window)
+        row = " ".join(f"{t}:{values[t - 1]:.3g}" for t in range(every, len(values) + 1, every))
+        print(f"{statistic:>9} window value at step  {row}")
+        switches = {thr: switch_step(values, thr, t_min, t_max, check_every) for thr in CANDIDATES[statistic]}
+        print(f"{statistic:>9} switch (t_min {t_min}, t_max {t_max}): "
+              + ", ".join(f"{thr:g} -> {s} ({why})" for thr, (s, why) in switches.items()))
+        per_stat[statistic] = {str(k): v for k, v in switches.items()}
+    return {"records": records, "switches": per_stat, "window": window, "t_min": t_min, "t_max": t_max,
+            "check_every": check_every}
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["curves", "switch"])
+    parser.add_argument("--scales", type=float, nargs="+", default=[1e-3, 1.0, 1e3])
+    parser.add_argument("--every", type=int, default=25, help="print the curves every this many steps")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="curves: recompute the tables from a --json of an earlier run")
+    parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="CLI overrides for the fit")
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    if args.from_json is not None:
+        for scale, run in json.loads(args.from_json.read_text()).items():
+            print(f"\n=== loss x {float(scale):g}: window {run.get('window', 50)}, t_min {run['t_min']}")
+            report_curves(run["records"], run.get("window", 50), run["t_min"], run["t_max"],
+                          run.get("check_every", 10), args.every)
+        return
+    for scale in args.scales:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.mode == "curves":
+                records: list[dict[str, float]] = []
+                patch_recorder(records)
+                cli = fit(scale, ["--recipe.init_args.autoswitch_threshold", "1e-30",
+                                  "--recipe.init_args.autoswitch_t_max", "0.99", *args.set], Path(tmp))
+            else:
+                cli = fit(scale, args.set, Path(tmp))
+        recipe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, STEPCallback))
+        sw = recipe.autoswitch
+        acc = float(cli.trainer.callback_metrics.get("val/acc", math.nan))
+        seconds = time.perf_counter() - start
+        total = int(cli.trainer.estimated_stepping_batches)
+        print(f"\n=== loss x {scale:g}: {total} steps, window {sw.window}, t_min {sw.t_min}, {seconds:.0f} s")
+        if args.mode == "switch":
+            print(f"statistic {sw.statistic} threshold {sw.threshold:g}: switch after step {recipe.switch_step} "
+                  f"by {sw.switched_by} (t_max {sw.t_max}); val/acc {acc:.4f}")
+            results[str(scale)] = {"switch_step": recipe.switch_step, "switched_by": sw.switched_by,
+                                   "t_min": sw.t_min, "t_max": sw.t_max, "val_acc": acc, "history": sw.history}
+            continue
+        t_max = total // 2  # the quickstart's autoswitch_t_max: 0.5
+        results[str(scale)] = report_curves(records, sw.window, sw.t_min, t_max, sw.check_every, args.every)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main_cli()
