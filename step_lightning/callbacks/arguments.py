@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from step_lightning.sparsity import SparseTarget, format_table, nm_ratio_problems, select_targets
 
-__all__ = ["resolve_step", "select_or_explain", "target_problems"]
+__all__ = ["RunSteps", "resolve_step", "select_or_explain", "target_problems"]
 
 
 def resolve_step(value: int | float, total: int | float, arg: str) -> int:
@@ -32,6 +32,47 @@ def resolve_step(value: int | float, total: int | float, arg: str) -> int:
         raise ValueError(f"`{arg}`={value!r} is a fraction of the run, but the run has no finite length: set "
                          "`trainer.max_steps` or `trainer.max_epochs`, or pass an int step.")
     return max(1, round(value * total))
+
+
+class RunSteps:
+    """Step-valued arguments resolved against the run's length, kept in the callback's checkpoint state.
+
+    A fraction of the run resolves against ``trainer.estimated_stepping_batches``, which a resumed run may
+    see differently (another ``max_steps``, another loader length). A resumed run with the same argument
+    keeps the step of the run's start (with a warning if its own length gives another), as the
+    uninterrupted run would; a changed argument resolves again.
+
+    Args:
+        owner: the callback's class name, for messages.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.saved: dict[str, dict[str, int | float]] = {}  # argument -> {"value", "step"}
+
+    def resolve(self, argument: str, value: int | float, total: int | float) -> int:
+        """The optimizer step of ``argument`` (an int step, or a fraction of the run's ``total`` steps)."""
+        step = resolve_step(value, total, argument)
+        saved = self.saved.get(argument)
+        if saved is not None and saved["value"] == value and saved["step"] != step:
+            rank_zero_warn(
+                f"{self.owner}: `{argument}`={value} resolves to step {step} of this run's {total} optimizer "
+                f"steps, but to step {saved['step']} when the run started: keeping step {saved['step']}, as the "
+                f"uninterrupted run. Pass `{argument}` as an int step to choose another."
+            )
+            step = int(saved["step"])
+        self.remember(argument, value, step)
+        return step
+
+    def remember(self, argument: str, value: int | float, step: int) -> None:
+        # Plain numbers: the parser's constraint types would not load under `weights_only`.
+        self.saved[argument] = {"value": float(value) if isinstance(value, float) else int(value), "step": int(step)}
+
+    def state_dict(self) -> dict[str, dict[str, int | float]]:
+        return {argument: dict(saved) for argument, saved in self.saved.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, int | float]]) -> None:
+        self.saved = {argument: dict(saved) for argument, saved in state.items()}
 
 
 def target_problems(n: int, m: int, include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:

@@ -69,7 +69,7 @@ class ASPCallback(NMSparsityCallback):
     @override
     def _prepare_run(self, trainer: pl.Trainer) -> None:
         total = trainer.estimated_stepping_batches
-        self.prune_step = self._resolve_step("prune_at", self.prune_at, total)
+        self.prune_step = self.run_steps.resolve("prune_at", self.prune_at, total)
         if not self._pruned and self.prune_step >= total:
             rank_zero_warn(f"ASPCallback: `prune_at`={self.prune_at} is at or after the run's last optimizer step "
                            f"({total}): this run never prunes.")
@@ -112,4 +112,4 @@ class ASPCallback(NMSparsityCallback):
         self.prune_step = state["prune_step"]
         self._pruned = state["pruned"]
         if self.prune_step is not None and "resolved_steps" not in state:  # a checkpoint of an earlier version
-            self._resolved_steps["prune_at"] = {"value": self.prune_at, "step": self.prune_step}
+            self.run_steps.remember("prune_at", self.prune_at, self.prune_step)

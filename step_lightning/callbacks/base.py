@@ -36,11 +36,10 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from step_lightning.callbacks.arguments import resolve_step, select_or_explain, target_problems
+from step_lightning.callbacks.arguments import RunSteps, select_or_explain, target_problems
 from step_lightning.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossWatch
 from step_lightning.callbacks.ranks import check_rank_agreement
 from step_lightning.checks import IntAtLeast2, NonNegativeInt, PositiveInt, argument_problems, raise_problems
@@ -133,7 +132,9 @@ class NMSparsityCallback(Callback, ABC):
         self._pending_flips: Tensor | None = None
         self._log_calls = 0
         self.last_flips: Tensor | None = None  # mask entries flipped per layer at the last tracked update
-        self._resolved_steps: dict[str, dict[str, int | float]] = {}  # argument -> {"value", "step"}, saved
+        # Step-valued arguments (STEP's switch, ASP's prune_at) as resolved at the run's start: `_prepare_run`
+        # resolves them through `self.run_steps.resolve(...)`, the checkpoint keeps them.
+        self.run_steps = RunSteps(type(self).__name__)
 
     # ---- What a recipe decides -------------------------------------------------------------------
     @property
@@ -153,25 +154,6 @@ class NMSparsityCallback(Callback, ABC):
 
     def _after_optimizer_step(self, trainer: pl.Trainer) -> None:
         """At ``on_train_batch_end`` after each optimizer step that really ran: the recipe's step work."""
-
-    def _resolve_step(self, argument: str, value: int | float, total: int | float) -> int:
-        """The optimizer step of a step-valued argument (an int, or a fraction of the run's ``total`` steps),
-        for ``_prepare_run``. The step is kept in the checkpoint: a resumed run with the same argument keeps the
-        step of the run's start (with a warning if its own length gives another), as an uninterrupted run would.
-        """
-        step = resolve_step(value, total, argument)
-        saved = self._resolved_steps.get(argument)
-        if saved is not None and saved["value"] == value and saved["step"] != step:
-            rank_zero_warn(
-                f"{type(self).__name__}: `{argument}`={value} resolves to step {step} of this run's {total} optimizer "
-                f"steps, but to step {saved['step']} when the run started: keeping step {saved['step']}, as the "
-                f"uninterrupted run. Pass `{argument}` as an int step to choose another."
-            )
-            step = int(saved["step"])
-        # Plain numbers: the parser's constraint types would not load under `weights_only`.
-        self._resolved_steps[argument] = {"value": float(value) if isinstance(value, float) else int(value),
-                                          "step": step}
-        return step
 
     def _recipe_metrics(self) -> dict[str, Any]:
         """On logging steps: the recipe's own metrics, logged with the shared ``sparsity/...`` ones."""
@@ -371,21 +353,9 @@ class NMSparsityCallback(Callback, ABC):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_end()
 
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._eval_end()
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._eval_end()
+    # Test and predict evaluate the same N:M model as validation.
+    on_test_start = on_predict_start = on_validation_start
+    on_test_end = on_predict_end = on_validation_end
 
     # ---- End of training, errors -----------------------------------------------------------------
     def _restore_dense(self) -> None:
@@ -453,7 +423,7 @@ class NMSparsityCallback(Callback, ABC):
             "masks": masks,
             "optimizer_steps": self._opt_steps,
             "last_mask_update": self._last_mask_update,
-            "resolved_steps": {argument: dict(saved) for argument, saved in self._resolved_steps.items()},
+            "resolved_steps": self.run_steps.state_dict(),
         }
 
     @override
@@ -471,7 +441,6 @@ class NMSparsityCallback(Callback, ABC):
             )
         self._opt_steps = state_dict["optimizer_steps"]
         self._last_mask_update = state_dict["last_mask_update"]
-        self._resolved_steps = {argument: dict(saved)
-                                for argument, saved in state_dict.get("resolved_steps", {}).items()}
+        self.run_steps.load_state_dict(state_dict.get("resolved_steps", {}))
         if engine is not None and state_dict["masks"] is not None:
             engine.set_masks([state_dict["masks"][name] for name in engine.names])

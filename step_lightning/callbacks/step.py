@@ -192,14 +192,14 @@ class STEPCallback(NMSparsityCallback):
         assert self._optimizer is not None
         total = trainer.estimated_stepping_batches
         if self.switch != "auto":
-            self._fixed_switch = self._resolve_step("switch", self.switch, total)  # type: ignore[arg-type]
+            self._fixed_switch = self.run_steps.resolve("switch", self.switch, total)  # type: ignore[arg-type]
             if self._phase == "precondition" and self._fixed_switch >= total:
                 rank_zero_warn(f"STEPCallback: `switch`={self.switch} is at or after the run's last optimizer step "
                                f"({total}): this run stays dense and never learns N:M masks.")
         elif self.autoswitch is None:
             beta2 = self._optimizer.param_groups[0]["betas"][1]
-            t_max = self._resolve_step("autoswitch_t_max", self.autoswitch_t_max, total)
-            t_min = None if self.autoswitch_t_min is None else self._resolve_step("autoswitch_t_min",
+            t_max = self.run_steps.resolve("autoswitch_t_max", self.autoswitch_t_max, total)
+            t_min = None if self.autoswitch_t_min is None else self.run_steps.resolve("autoswitch_t_min",
                                                                                   self.autoswitch_t_min, total)
             self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max=t_max,
                                          statistic=self.autoswitch_statistic, beta2=beta2,
