@@ -280,12 +280,15 @@ class STEPCallback(NMSparsityCallback):
                         f"checked window value: {self.autoswitch.last_window_mean}); switching now. Consider "
                         "another `autoswitch_threshold` or `autoswitch_statistic` (see sparsity/autoswitch_*)."
                     )
-                self._do_switch()
+                self._do_switch(trainer)
         elif self._fixed_switch is not None and self._opt_steps >= self._fixed_switch:
-            self._do_switch()
+            self._do_switch(trainer)
 
-    def _do_switch(self) -> None:
+    def _do_switch(self, trainer: pl.Trainer) -> None:
         assert self._optimizer is not None
+        # A non-finite loss is the usual cause of a non-finite second moment, which the freeze refuses: report
+        # the loss first (raise, or warn once), with its step and phase. Every rank switches at this step.
+        self.loss_watch.check(trainer, self._opt_steps, self.on_nonfinite_loss)
         self._optimizer.freeze_second_moment([t.param for t in self.targets], names=[t.name for t in self.targets])
         self._optimizer.watch([])
         self._phase = "mask_learning"

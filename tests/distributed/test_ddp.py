@@ -262,9 +262,9 @@ class NonFiniteFrom(TinyModule):
     [
         (2, float("nan"), 1, r"\(nan\) at optimizer step 2 in phase 'precondition'", 2),
         (5, float("inf"), 1, r"\(inf\) at optimizer step 5 in phase 'mask_learning'", 5),
-        # Read only at the end of fit (no logging step in between): still the first bad step.
-        (2, float("nan"), 50, r"\(nan\) at optimizer step 2 in phase 'precondition'; 5 optimizer step\(s\) up to "
-                              r"step 6", 6),
+        # Read at the switch (no logging step before it): still the first bad step, before the freeze fails.
+        (2, float("nan"), 50, r"\(nan\) at optimizer step 2 in phase 'precondition'; 2 optimizer step\(s\) up to "
+                              r"step 3", 3),
     ],
 )
 def test_nonfinite_loss_raises_with_step_and_phase(tmp_path: Path, bad_step: int, value: float, log_every: int,
@@ -278,19 +278,31 @@ def test_nonfinite_loss_raises_with_step_and_phase(tmp_path: Path, bad_step: int
 
 
 def test_nonfinite_loss_warns_once_and_logs_the_count(tmp_path: Path) -> None:
-    cb = STEPCallback(switch=4)  # on_nonfinite_loss="warn" is the default
+    cb = STEPCallback(switch=2)  # on_nonfinite_loss="warn" is the default
     logger = CSVLogger(tmp_path, name="run")
     train, _ = tiny_loaders()
     trainer = tiny_trainer(tmp_path, [cb], max_steps=6, logger=logger)
     with pytest.warns(UserWarning) as record:
         trainer.fit(NonFiniteFrom(3, float("nan")), train)
     ours = [str(w.message) for w in record if "non-finite training loss" in str(w.message)]
-    assert len(ours) == 1 and "(nan) at optimizer step 3 in phase 'precondition'" in ours[0]
+    assert len(ours) == 1 and "(nan) at optimizer step 3 in phase 'mask_learning'" in ours[0]
     assert cb.optimizer_steps == 6  # training went on; the NaN weights keep the loss NaN from step 3 on
     lines = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
     column = lines[0].split(",").index("train/nonfinite_loss_steps")
     counts = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
     assert counts[-1] == 4.0
+
+
+def test_nonfinite_loss_before_the_switch_is_warned_then_the_freeze_refuses_it(tmp_path: Path) -> None:
+    # In "warn" mode training goes on, but Adam's second moment is NaN: STEP cannot freeze it. The warning
+    # names the cause (the loss at step 2) before the freeze's error names the weights.
+    cb = STEPCallback(switch=4)
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=6, log_every_n_steps=50)
+    train, _ = tiny_loaders()
+    with pytest.warns(UserWarning, match=r"\(nan\) at optimizer step 2 in phase 'precondition'"), \
+            pytest.raises(FloatingPointError, match=r"second moment of net.conv.weight, .* holds NaN or inf"):
+        trainer.fit(NonFiniteFrom(2, float("nan")), train)
+    assert cb.optimizer_steps == 4 and cb.phase == "precondition"
 
 
 def test_loss_of_an_fp16_step_the_scaler_skipped_is_not_reported(tmp_path: Path) -> None:
