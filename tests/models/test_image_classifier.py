@@ -119,3 +119,18 @@ def test_backbone_errors() -> None:
         ImageClassifier(channels_last="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image size 30 is not a multiple of the patch size 4"):
         ImageClassifier("vit", image_size=30)
+    with pytest.raises(ValueError, match=r"MLP `width` must be a multiple of 16 .*got 40"):
+        ImageClassifier("mlp", width=40)
+    with pytest.raises(ValueError, match=r"MLP `depth` must be at least 2 .*got 1"):
+        ImageClassifier("mlp", depth=1)
+    with pytest.raises(ValueError, match=r"`--model.heads`=2 does not apply to backbone 'mlp'"):
+        ImageClassifier("mlp", heads=2)
+
+
+def test_mlp_masks_the_hidden_layers_only() -> None:
+    from step_lightning.sparsity.targets import select_targets
+
+    model = ImageClassifier("mlp", in_channels=1, image_size=28, width=32, depth=3)
+    targets, _ = select_targets(model, 2, 4)
+    names = [t.name for t in targets]
+    assert names == ["net.body.3.weight", "net.body.5.weight"]  # not the first layer (raw pixels), not the head
