@@ -74,6 +74,7 @@ def test_configs_are_tasks_and_recipes() -> None:
     assert RECIPES == ["asp_1of4", "asp_1of8", "asp_2of4", "dense", "srste_1of4", "srste_1of8", "srste_2of4",
                        "step_1of4", "step_1of8", "step_2of4"]
     assert TASKS == ["cifar10/resnet18.yaml", "cifar10/vit.yaml", "cifar100/resnet18.yaml", "glue/bert_base.yaml",
+                     "studies/mnist_mlp.yaml", "studies/rotten_tomatoes_bert.yaml", "studies/shakespeare_gpt2.yaml",
                      "wikitext/gpt2.yaml", "wmt17_de_en/transformer_base.yaml"]
     for recipe in RECIPES:  # a recipe file holds the recipe only, and says what it trains
         text = (CONFIGS / "recipes" / f"{recipe}.yaml").read_text()
@@ -168,20 +169,24 @@ def offline_overrides(config: str, root: Path) -> list[str]:
 
         make_cifar(root / "data", config.split("/")[0])
         return ["--data.init_args.data_dir", str(root / "data")]
-    if config.startswith("glue/"):
+    if config == "studies/mnist_mlp.yaml":
+        from tests.data.test_mnist import write_mnist
+
+        return ["--data.init_args.data_dir", str(write_mnist(root / "mnist", {"train": 200, "val": 40, "test": 40}))]
+    if config.startswith(("glue/", "studies/rotten_tomatoes")):
         from tests.hf_tiny import make_glue, make_tiny_bert
 
         model, data = make_tiny_bert(root / "bert"), root / "glue"
         make_glue(data)
         return ["--model.init_args.model_name_or_path", str(model), "--data.init_args.data_dir", str(data),
                 "--data.init_args.max_length", "64"]
-    if config.startswith("wikitext/"):
+    if config.startswith(("wikitext/", "studies/shakespeare")):
         from tests.hf_tiny_lm import build_gpt2, write_wikitext
 
         model, data = build_gpt2(root / "gpt2"), root / "wiki"
         write_wikitext(data)
         return ["--model.init_args.model_name_or_path", str(model), "--data.init_args.data_dir", str(data),
-                "--data.init_args.block_size", "32"]
+                "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(root / "cache")]
     if config.startswith("wmt17_de_en/"):
         from tests.wmt_tiny import TINY_DATA, make_parallel
 

@@ -4,6 +4,7 @@ from step_lightning.data.cifar import CIFARDataModule
 from step_lightning.data.digits import DigitsDataModule
 from step_lightning.data.glue import GLUEDataModule
 from step_lightning.data.image_folder import ImageFolderDataModule
+from step_lightning.data.mnist import MNISTDataModule
 from step_lightning.data.wikitext import WikiTextDataModule
 from step_lightning.data.wmt import WMTDataModule
 
@@ -12,6 +13,7 @@ __all__ = [
     "DigitsDataModule",
     "GLUEDataModule",
     "ImageFolderDataModule",
+    "MNISTDataModule",
     "WMTDataModule",
     "WikiTextDataModule",
 ]

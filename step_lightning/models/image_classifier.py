@@ -11,16 +11,18 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
+from step_lightning.models.components.mlp import MLP
 from step_lightning.models.components.resnet import cifar_resnet
 from step_lightning.models.components.small_cnn import SmallCNN
 from step_lightning.models.components.vit import small_vit
 from step_lightning.models.optimization import configure_optimization
 
-Backbone = Literal["small_cnn", "resnet18", "resnet50", "vit"]
-BACKBONES = ("small_cnn", "resnet18", "resnet50", "vit")
+Backbone = Literal["small_cnn", "mlp", "resnet18", "resnet50", "vit"]
+BACKBONES = ("small_cnn", "mlp", "resnet18", "resnet50", "vit")
 # The size knobs each backbone has, with their defaults; any other knob set for it is an error.
 _KNOBS: dict[str, dict[str, int]] = {
     "small_cnn": {"width": 32},
+    "mlp": {"width": 512, "depth": 3},
     "resnet18": {},
     "resnet50": {},
     "vit": {"width": 384, "depth": 6, "heads": 6, "patch_size": 4},
@@ -46,6 +48,8 @@ def build_backbone(backbone: str, num_classes: int, in_channels: int, image_size
     size = {k: knobs.get(k) if knobs.get(k) is not None else default for k, default in allowed.items()}
     if backbone == "small_cnn":
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, **size)
+    if backbone == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes, **size)
     if backbone in ("resnet18", "resnet50"):
         return cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
     return small_vit(num_classes, in_channels, image_size, **size)
@@ -56,13 +60,15 @@ class ImageClassifier(pl.LightningModule):
 
     Args:
         backbone: the network, from ``models/components``: ``"small_cnn"`` (the quickstart's),
+            ``"mlp"`` (a multilayer perceptron on the flattened image: MNIST on a CPU),
             ``"resnet18"``/``"resnet50"`` (torchvision's ResNets with the CIFAR stem: 3x3 conv, no
             max-pool) or ``"vit"`` (torchvision's Vision Transformer, 4x4 patches, 6 blocks of width 384).
         num_classes: classes to predict; linked from the data module by the CLI.
         in_channels: image channels; linked from the data module by the CLI.
         image_size: side of the (square) input images; linked from the data module (the ViT needs it).
-        width: ``small_cnn``: channels of its first conv (default 32); ``vit``: embedding width (384).
-        depth: ``vit``: number of Transformer blocks (default 6).
+        width: ``small_cnn``: channels of its first conv (default 32); ``mlp``: hidden units (512); ``vit``:
+            embedding width (384).
+        depth: ``mlp``: hidden layers (default 3); ``vit``: number of Transformer blocks (default 6).
         heads: ``vit``: attention heads (default 6).
         patch_size: ``vit``: side of the square patches (default 4).
         label_smoothing: cross-entropy label smoothing.
@@ -113,7 +119,7 @@ class ImageClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Before the optimizer exists: the conversion swaps each parameter's storage, not the parameter.
         if self.channels_last_arg == "auto" and not self.channels_last:
-            cnn = self.hparams["backbone"] != "vit"
+            cnn = self.hparams["backbone"] not in ("vit", "mlp")
             if cnn and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
                 self._to_channels_last()
 

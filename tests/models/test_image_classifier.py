@@ -21,8 +21,9 @@ RECIPES: dict[str, Any] = {
     "srste": lambda: SRSTECallback(),
     "step": lambda: STEPCallback(switch=1),
 }
-KNOBS: dict[str, dict[str, int]] = {"small_cnn": {"width": 16}, "vit": {"width": 64, "depth": 2, "heads": 2}}
-FAST = {("resnet18", "step"), ("small_cnn", "dense"), ("small_cnn", "asp"), ("small_cnn", "srste"),
+KNOBS: dict[str, dict[str, int]] = {"small_cnn": {"width": 16}, "mlp": {"width": 32, "depth": 2},
+                                    "vit": {"width": 64, "depth": 2, "heads": 2}}
+FAST = {("resnet18", "step"), ("mlp", "step"), ("small_cnn", "dense"), ("small_cnn", "asp"), ("small_cnn", "srste"),
         ("small_cnn", "step"), ("vit", "step")}
 
 
@@ -52,7 +53,7 @@ def _fit(tmp_path: Path, data: Path, backbone: str, recipe: Any, **trainer_kwarg
 @pytest.mark.parametrize(
     ("backbone", "recipe"),
     [pytest.param(b, r, marks=() if (b, r) in FAST else pytest.mark.slow)
-     for b in ("small_cnn", "resnet18", "resnet50", "vit") for r in RECIPES],
+     for b in ("small_cnn", "mlp", "resnet18", "resnet50", "vit") for r in RECIPES],
 )
 def test_backbone_trains_under_recipe(tmp_path: Path, tiny_cifar: Path, backbone: str, recipe: str) -> None:
     callback = RECIPES[recipe]()
@@ -118,3 +119,18 @@ def test_backbone_errors() -> None:
         ImageClassifier(channels_last="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image size 30 is not a multiple of the patch size 4"):
         ImageClassifier("vit", image_size=30)
+    with pytest.raises(ValueError, match=r"MLP `width` must be a multiple of 16 .*got 40"):
+        ImageClassifier("mlp", width=40)
+    with pytest.raises(ValueError, match=r"MLP `depth` must be at least 2 .*got 1"):
+        ImageClassifier("mlp", depth=1)
+    with pytest.raises(ValueError, match=r"`--model.heads`=2 does not apply to backbone 'mlp'"):
+        ImageClassifier("mlp", heads=2)
+
+
+def test_mlp_masks_the_hidden_layers_only() -> None:
+    from step_lightning.sparsity.targets import select_targets
+
+    model = ImageClassifier("mlp", in_channels=1, image_size=28, width=32, depth=3)
+    targets, _ = select_targets(model, 2, 4)
+    names = [t.name for t in targets]
+    assert names == ["net.body.3.weight", "net.body.5.weight"]  # not the first layer (raw pixels), not the head
