@@ -105,7 +105,7 @@ def test_report_from_tensorboard_logs(in_tmp: Path, capsys: pytest.CaptureFixtur
     write_run(out / "net/step_1of4" / "seed0", [0.3, 0.9, 0.85], steps, 5000.0, 10.0, switch=12.0)
     write_run(out / "net/step_1of4" / "seed1", [0.5, 0.6, 0.95], steps, 5000.0, 20.0, switch=14.0)
 
-    assert main(["--task", str(task), "--recipes", "dense", str(step), "--report_only"]) == 0
+    assert main(["--task", str(task), "--recipes", "dense", str(step), "--report_only"]) == 0  # rows by file name
     printed = capsys.readouterr().out
     table = read_table(out)
     # best: mean ± sample std of (0.7, 0.8) and (0.9, 0.95); final: of (0.6, 0.7) and (0.85, 0.95)
@@ -172,11 +172,11 @@ def test_dry_run_is_a_task_x_recipe_grid_with_dense_first_and_asp_from_its_seed(
     runs = [(c[16].split("=", 1)[1], c[c.index("--seed_everything") + 1]) for c in commands]
     assert runs == [(f"{task}/{recipe}", seed) for task, recipe in
                     [("net", "dense"), ("other", "dense"), ("net", "step_2of4"), ("net", "asp_2of4"),
-                     ("net", "asp_1of4"), ("other", "step_2of4"), ("other", "asp_2of4"), ("other", "asp_1of4")]
+                     ("net", "late"), ("other", "step_2of4"), ("other", "asp_2of4"), ("other", "late")]
                     for seed in ("0", "1")]
     for command, (name, seed) in zip(commands, runs, strict=True):
         task = net if name.startswith("net/") else other
-        recipe = {"asp_1of4": str(late_asp)}.get(name.rsplit("/", 1)[1],
+        recipe = {"late": str(late_asp)}.get(name.rsplit("/", 1)[1],
                                                  f"configs/recipes/{name.rsplit('/', 1)[1]}.yaml")
         assert command[:8] == [sys.executable, "-m", "step_lightning", "fit", "--config", str(task), "--config",
                                command[7]]

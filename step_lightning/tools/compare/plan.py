@@ -120,9 +120,15 @@ class RunSpec:
 
 
 def read_spec(configs: Sequence[Path], flag: str) -> RunSpec:
-    """The :class:`RunSpec` of a stack of existing config files."""
+    """The :class:`RunSpec` of a stack of existing config files.
+
+    A task config stacked with a recipe file (``--recipes``) is named ``<task>/<recipe file name>``, so that
+    variants of one recipe (``step_2of4_switch10.yaml``) get rows of their own; a full config (``--configs``)
+    is named as ``fit`` names it, after the recipe it configures.
+    """
     entry = recipe_entry_of([_load(c, flag) for c in configs], [f"`{flag}` {str(c)!r}" for c in configs])
-    return RunSpec(tuple(configs), task_name(configs[0]), recipe_of(entry), run_name(configs[0], entry))
+    name = f"{task_name(configs[0])}/{configs[-1].stem}" if flag == "--recipes" else run_name(configs[0], entry)
+    return RunSpec(tuple(configs), task_name(configs[0]), recipe_of(entry), name)
 
 
 def resolve_recipe(value: str) -> Path | None:
