@@ -14,6 +14,7 @@ multiplied by each ``--scales`` value (the model's gradients scale with it; Adam
     python studies/autoswitch_scales.py switch
     python studies/autoswitch_scales.py switch --set --recipe.init_args.autoswitch_statistic reference \
         --recipe.init_args.autoswitch_threshold 1e-8
+    python studies/autoswitch_scales.py switch --configs configs/studies/mnist_mlp.yaml studies/recipes/step_2of4.yaml
 
 Results: studies/AUTOSWITCH.md.
 """
@@ -30,28 +31,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from step_lightning import STEPCallback  # noqa: E402
 from step_lightning.cli import main  # noqa: E402
-from step_lightning.models.image_classifier import ImageClassifier  # noqa: E402
+from step_lightning.models import CausalLM, ImageClassifier, SequenceClassifier  # noqa: E402
 from step_lightning.optim import SAMPLE_KEYS  # noqa: E402
 
 CANDIDATES = {"log_drift": [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1], "reference": [1e-8], "relative": [1e-2, 5e-3, 2e-3]}
 
 
 def patch_loss_scale(scale: float) -> None:
-    original = ImageClassifier.__dict__.get("_study_original", ImageClassifier._shared_step)
-    ImageClassifier._study_original = original  # type: ignore[attr-defined]
+    """Multiply the loss ``training_step`` returns by ``scale``, for every task family's LightningModule."""
+    for cls in (ImageClassifier, SequenceClassifier, CausalLM):
+        original = cls.__dict__.get("_study_original", cls.training_step)
+        cls._study_original = original  # type: ignore[attr-defined]
 
-    def scaled(self: Any, batch: Any, stage: str, metric: Any) -> torch.Tensor:
-        loss = original(self, batch, stage, metric)
-        return loss * scale if stage == "train" else loss
+        def scaled(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            out = _original(self, *args, **kwargs)
+            if isinstance(out, dict):
+                return {**out, "loss": out["loss"] * scale}
+            return out * scale
 
-    ImageClassifier._shared_step = scaled  # type: ignore[method-assign]
+        cls.training_step = scaled  # type: ignore[method-assign]
 
 
 def patch_recorder(records: list[dict[str, float]]) -> None:
@@ -67,10 +70,11 @@ def patch_recorder(records: list[dict[str, float]]) -> None:
     STEPCallback._after_optimizer_step = recording  # type: ignore[method-assign]
 
 
-def fit(scale: float, extra: list[str], out: Path) -> Any:
+def fit(scale: float, extra: list[str], out: Path, configs: list[Path] | None = None) -> Any:
     patch_loss_scale(scale)
-    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.enable_progress_bar", "false",
-            *extra]
+    stack = [arg for config in (configs or [ROOT / "configs" / "quickstart.yaml"])
+             for arg in ("--config", str(Path(config).resolve()))]
+    args = ["fit", *stack, "--trainer.enable_progress_bar", "false", *extra]
     os.chdir(out)  # logs/ and checkpoints go to a temporary folder
     try:
         return main(args)
@@ -123,6 +127,8 @@ def main_cli() -> None:
     parser.add_argument("--every", type=int, default=25, help="print the curves every this many steps")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, help="curves: recompute the tables from a --json of an earlier run")
+    parser.add_argument("--configs", type=Path, nargs="+", default=None,
+                        help="configs to stack (default: configs/quickstart.yaml), e.g. a study task and recipe")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="CLI overrides for the fit")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -139,18 +145,19 @@ def main_cli() -> None:
                 records: list[dict[str, float]] = []
                 patch_recorder(records)
                 cli = fit(scale, ["--recipe.init_args.autoswitch_threshold", "1e-30",
-                                  "--recipe.init_args.autoswitch_t_max", "0.99", *args.set], Path(tmp))
+                                  "--recipe.init_args.autoswitch_t_max", "0.99", *args.set], Path(tmp), args.configs)
             else:
-                cli = fit(scale, args.set, Path(tmp))
+                cli = fit(scale, args.set, Path(tmp), args.configs)
         recipe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, STEPCallback))
         sw = recipe.autoswitch
-        acc = float(cli.trainer.callback_metrics.get("val/acc", math.nan))
+        metric = next((k for k in ("val/acc", "val/ppl") if k in cli.trainer.callback_metrics), "val/acc")
+        acc = float(cli.trainer.callback_metrics.get(metric, math.nan))
         seconds = time.perf_counter() - start
         total = int(cli.trainer.estimated_stepping_batches)
         print(f"\n=== loss x {scale:g}: {total} steps, window {sw.window}, t_min {sw.t_min}, {seconds:.0f} s")
         if args.mode == "switch":
             print(f"statistic {sw.statistic} threshold {sw.threshold:g}: switch after step {recipe.switch_step} "
-                  f"by {sw.switched_by} (t_max {sw.t_max}); val/acc {acc:.4f}")
+                  f"by {sw.switched_by} (t_max {sw.t_max}); {metric} {acc:.4f}")
             results[str(scale)] = {"switch_step": recipe.switch_step, "switched_by": sw.switched_by,
                                    "t_min": sw.t_min, "t_max": sw.t_max, "val_acc": acc, "history": sw.history}
             continue
