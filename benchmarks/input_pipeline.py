@@ -17,7 +17,7 @@ nothing is downloaded; ``--images`` of them, default 10,240):
    is the median over rounds.
 
 2. **ResNet-18 epoch time on a GPU** (``--gpu``, needs CUDA): one CIFAR-10-sized epoch (50,000 synthetic
-   images) of the shipped ``configs/cifar10/resnet18_{dense,step}_2of4.yaml`` settings (bf16-mixed,
+   images) of the shipped ``configs/cifar10/resnet18.yaml`` settings (bf16-mixed,
    channels_last, device-resident augmentation, StepAdamW) at ``--gpu-batch`` (512) through a real
    ``Trainer``, dense and STEP in its mask-learning phase (switch after the first step), after one warm-up
    epoch, interleaved over ``--rounds``; prints seconds per epoch and STEP/dense.
