@@ -8,10 +8,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from step_lightning.tools.compare.plan import (
     CompareError,
     PlannedRun,
+    Recipe,
     RunSpec,
     fit_command,
     plan_runs,
@@ -79,12 +81,16 @@ def _usage_error(parser: argparse.ArgumentParser, problems: str) -> int:
     return 2
 
 
-def _targets(specs: Sequence[RunSpec], output: Path, seeds: Sequence[int] | None) -> list:
+Target = tuple[str, str | None, Recipe | None, Sequence[int]]
+"""A report row: run name, config files, recipe, seeds to read."""
+
+
+def _targets(specs: Sequence[RunSpec], output: Path, seeds: Sequence[int] | None) -> list[Target]:
     return [(s.name, " + ".join(map(str, s.configs)), s.recipe, seeds_of(output, s.name, seeds)) for s in specs]
 
 
-def _write_report(specs_or_targets: list, output: Path, metric: str, mode: str) -> bool:
-    text, incomplete = report(specs_or_targets, output, metric, mode)  # type: ignore[arg-type]
+def _write_report(targets: Sequence[Target], output: Path, metric: str, mode: Literal["max", "min"]) -> bool:
+    text, incomplete = report(targets, output, metric, mode)
     print(text)
     print(f"Wrote {output / 'results.md'}, {output / 'results.json'} and {output / 'val_curves.png'}.")
     return incomplete
