@@ -1,4 +1,4 @@
-"""``python -m step_lightning {fit,validate,test,predict,export,compare} ...``: dispatch only.
+"""``python -m step_lightning {fit,validate,test,predict,export,verify,compare} ...``: dispatch only.
 
 ``compare`` is a tool that launches ``fit`` runs in subprocesses (:mod:`step_lightning.tools.compare`);
 everything else is the training CLI (:mod:`step_lightning.cli`).

@@ -3,7 +3,8 @@
 Subcommands ``fit``, ``validate``, ``test``, ``predict`` are Lightning's (``--config`` stackable,
 ``--print_config``, per-key overrides, ``class_path``/``init_args`` for model, data, optimizer (an
 argument of the model), scheduler and callbacks). Without ``--config`` they run
-``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model.
+``configs/quickstart.yaml``. ``export --ckpt_path CKPT --output DIR`` writes the N:M model; ``verify
+DIR/model.safetensors`` proves its weights are N:M (:mod:`step_lightning.export`).
 
 The N:M recipe is one key, ``recipe``, beside ``model``, ``data`` and ``trainer`` (LightningCLI's forced
 callback, ``add_lightning_class_args(..., subclass_mode=True)``): any subclass of
@@ -199,14 +200,17 @@ def export_main(argv: Sequence[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m step_lightning export",
-        description="Write the N:M model of a checkpoint: model.pt (zeros in place), sparsity.json, and a Hugging "
-                    "Face directory for HF models.",
+        description="Write the N:M model of a checkpoint: model.safetensors (zeros in place, N:M manifest in its "
+                    "header), model.pt, sparsity.json, a Hugging Face directory with the tokenizer for HF models, the "
+                    "SentencePiece model and config for translation models.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `fit` (e.g. last.ckpt)")
     parser.add_argument("--output", required=True, help="directory to write into")
     parser.add_argument("--semi_structured", action="store_true",
-                        help="also convert 2:4 Linear weights with torch.sparse.to_sparse_semi_structured "
-                             "(needs a CUDA GPU of compute capability >= 8.0)")
+                        help="also check that the 2:4 Linear weights convert with "
+                             "torch.sparse.to_sparse_semi_structured on this GPU and write semi_structured.json "
+                             "(load with step_lightning.export.load_semi_structured; needs a CUDA GPU of compute "
+                             "capability >= 8.0)")
     args = parser.parse_args(list(argv))
     try:
         result = export_checkpoint(args.ckpt_path, args.output, semi_structured=args.semi_structured)
@@ -217,6 +221,30 @@ def export_main(argv: Sequence[str]) -> None:
     print(f"Every listed weight is N:M. Wrote: {', '.join(str(f) for f in result.files)}")
 
 
+def verify_main(argv: Sequence[str]) -> None:
+    """``python -m step_lightning verify FILE``: prove every weight in FILE's manifest is N:M; exit 1 if not."""
+    import argparse
+
+    from step_lightning.export import verify_nm
+    from step_lightning.export.safetensors_io import format_table
+
+    parser = argparse.ArgumentParser(
+        prog="python -m step_lightning verify",
+        description="Check, from a model.safetensors written by `export` alone, that every weight its header's N:M "
+                    "manifest lists holds at most N non-zeros in every group of M.")
+    parser.add_argument("file", help="model.safetensors written by `export` (or an export folder holding one)")
+    args = parser.parse_args(list(argv))
+    path = Path(args.file)
+    path = path / "model.safetensors" if path.is_dir() else path
+    try:
+        rows = verify_nm(path)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(format_table(rows))
+    print(f"Verified: all {len(rows) - 1} weights listed in {path} are N:M.")
+
+
 def _with_default_config(argv: list[str]) -> list[str]:
     if argv and argv[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in argv):
         if not any(a in ("-h", "--help") for a in argv):
@@ -225,10 +253,12 @@ def _with_default_config(argv: list[str]) -> list[str]:
 
 
 def main(args: Sequence[str] | None = None) -> Any:
-    """The training CLI: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI) and ``export``."""
+    """The training CLI: ``fit``, ``validate``, ``test``, ``predict`` (LightningCLI), ``export`` and ``verify``."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     argv = _with_default_config(argv)
     if args is None:  # from the command line: LightningCLI reads sys.argv itself
         sys.argv[1:] = argv

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -28,6 +29,9 @@ from step_lightning.models.optimization import configure_optimization, parameter
 Arch = Literal["tiny", "base", "big"]
 # Targets start with the decoder's prompt ``</s> __<tgt_lang>__`` (fairseq2's NLLB tokenizer, target mode).
 TARGET_PROMPT = 2
+# Files the N:M export adds beside model.safetensors (TranslationModule.export_artifacts).
+EXPORT_SPM = "sentencepiece.model"
+EXPORT_CONFIG = "translation.json"
 
 # Vaswani et al. (2017) Transformer base and big; "tiny" is for tests and smoke runs.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -59,6 +63,20 @@ def build_transformer(arch: Arch, num_tokens: int, pad_idx: int = 0, max_positio
     config = nllb.NllbConfig(vocab_size=num_tokens, pad_idx=pad_idx, max_seq_len=max_positions, dropout_p=dropout_p,
                              **ARCHS[arch])
     return to_torch_modules(nllb.create_nllb_model(config))
+
+
+def beam_search(model: nn.Module, source: torch.Tensor, source_lens: list[int], tokenizer: Any, tgt_lang: str,
+                beam_size: int, len_penalty: float, max_gen_len: tuple[float, int]) -> list[str]:
+    """fairseq2 beam-search translations of a padded batch of source token ids, detokenised."""
+    generation = import_fairseq2("fairseq2.generation.beam_search.generator")
+    generator = generation.BeamSearchSeq2SeqGenerator(model, tokenizer.vocab_info, beam_size=beam_size,
+                                                      max_gen_len=max_gen_len, len_penalty=len_penalty)
+    prefix = tokenizer.create_encoder(task="translation", lang=tgt_lang, mode="target").prefix_indices
+    prompt = prefix.to(source.device).unsqueeze(0).expand(source.shape[0], -1)
+    output = generator(source, batch_layout(source, source_lens), prompt,
+                       batch_layout(prompt, [prompt.shape[1]] * prompt.shape[0]))
+    decoder = tokenizer.create_decoder(skip_special_tokens=True)
+    return [str(decoder(hyps[0].seq)) if hyps else "" for hyps in output.hypotheses]
 
 
 def _shape_problems(pad_idx: int, num_tokens: int, max_gen_len: Any) -> list[str]:
@@ -164,6 +182,7 @@ class TranslationModule(pl.LightningModule):
         self._refs: list[str] = []
         self._predictions: list[tuple[int, str]] = []
         self._num_val = 0
+        self.tokenizer_files: dict[str, Any] | None = None
 
     # ---- model --------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,16 +227,8 @@ class TranslationModule(pl.LightningModule):
 
     def translate(self, source: torch.Tensor, source_lens: list[int], tokenizer: Any, tgt_lang: str) -> list[str]:
         """Beam-search translations of a padded batch of source token ids, detokenised."""
-        generation = import_fairseq2("fairseq2.generation.beam_search.generator")
-        generator = generation.BeamSearchSeq2SeqGenerator(
-            self.model, tokenizer.vocab_info, beam_size=self.beam_size, max_gen_len=self.max_gen_len,
-            len_penalty=self.len_penalty)
-        prefix = tokenizer.create_encoder(task="translation", lang=tgt_lang, mode="target").prefix_indices
-        prompt = prefix.to(source.device).unsqueeze(0).expand(source.shape[0], -1)
-        output = generator(source, batch_layout(source, source_lens), prompt,
-                           batch_layout(prompt, [prompt.shape[1]] * prompt.shape[0]))
-        decoder = tokenizer.create_decoder(skip_special_tokens=True)
-        return [str(decoder(hyps[0].seq)) if hyps else "" for hyps in output.hypotheses]
+        return beam_search(self.model, source, source_lens, tokenizer, tgt_lang, self.beam_size, self.len_penalty,
+                           self.max_gen_len)
 
     def _bleu_due(self, stage: str) -> bool:
         """Whether this validation (or test) pass decodes for BLEU; the same answer on every rank."""
@@ -313,11 +324,46 @@ class TranslationModule(pl.LightningModule):
         write_atomically(path, lambda file: file.write(data))
         rank_zero_info(f"TranslationModule: wrote {len(lines)} translations to {path}")
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        spm_path = getattr(datamodule, "spm_path", None)
+        if callable(spm_path) and (path := Path(spm_path())).is_file():
+            self.tokenizer_files = {"sentencepiece": path.read_bytes(), "src_lang": datamodule.src_lang,
+                                    "tgt_lang": datamodule.tgt_lang, "vocab_size": datamodule.vocab_size}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["translation_validations"] = self._num_val  # keeps the `bleu_every_n_val` rhythm on resume
+        if self.tokenizer_files is not None:  # a few hundred kB: the export needs it, and the corpus may be gone
+            checkpoint["translation_tokenizer"] = self.tokenizer_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._num_val = int(checkpoint.get("translation_validations", 0))
+        self.tokenizer_files = checkpoint.get("translation_tokenizer", self.tokenizer_files)
+
+    def export_artifacts(self, folder: Path) -> list[Path]:
+        """What :func:`~step_lightning.export.export_model` adds for translation: ``sentencepiece.model`` (the
+        data module's SentencePiece model, captured at ``setup`` and kept in checkpoints) and
+        ``translation.json`` (the model's config, languages and decoding settings), so that
+        :func:`~step_lightning.export.translate_from_export` needs nothing but the folder."""
+        if self.tokenizer_files is None:
+            rank_zero_warn(f"TranslationModule: {folder} gets no sentencepiece.model/translation.json: this model "
+                           "never ran with a WMTDataModule (or its checkpoint predates them), so "
+                           "translate_from_export cannot use the folder.")
+            return []
+        spm, config = folder / EXPORT_SPM, folder / EXPORT_CONFIG
+        spm.write_bytes(self.tokenizer_files["sentencepiece"])
+        hp = self.hparams
+        config.write_text(json.dumps({
+            "format": "step_lightning.translation/1",
+            "weights": "model.safetensors", "weights_prefix": "model.", "sentencepiece": EXPORT_SPM,
+            **{key: self.tokenizer_files[key] for key in ("src_lang", "tgt_lang", "vocab_size")},
+            "arch": hp["arch"], "num_tokens": hp["num_tokens"], "pad_idx": hp["pad_idx"],
+            "max_positions": hp["max_positions"],
+            "model": {"builder": "fairseq2.models.nllb.create_nllb_model (pre-LN encoder-decoder Transformer)",
+                      **ARCHS[hp["arch"]]},
+            "beam_size": self.beam_size, "len_penalty": self.len_penalty, "max_gen_len": list(self.max_gen_len),
+        }, indent=2) + "\n")
+        return [spm, config]
 
     def configure_optimizers(self) -> Any:
         return configure_optimization(self, parameter_groups(self), self.optimizer_factory, self.scheduler_factory)

@@ -1,17 +1,7 @@
-"""Export the N:M model: weights with the zeros in place, a sparsity manifest, Hugging Face format.
+"""The N:M export: ``export_model`` (from a LightningModule) and ``export_checkpoint`` (from a ``fit`` checkpoint).
 
-``python -m step_lightning export --ckpt_path CKPT --output DIR`` writes
-
-* ``DIR/model.pt``: the LightningModule's ``state_dict`` with every masked weight multiplied by its
-  mask: plain tensors, ``torch.load(..., weights_only=True)`` reads it without step_lightning;
-* ``DIR/sparsity.json``: ``{"targets": {param_name: {"n", "m", "layout", "kept_fraction"}}, ...}``;
-  every ``param_name`` is a key of ``model.pt``;
-* ``DIR/hf/`` for models holding a Hugging Face ``PreTrainedModel``: its ``save_pretrained`` output
-  with the masked weights, loadable by ``AutoModel...from_pretrained`` without step_lightning;
-* with ``--semi_structured`` (CUDA GPU with sparse tensor cores), ``DIR/semi_structured.pt``: the 2:4
-  ``nn.Linear`` weights converted by ``torch.sparse.to_sparse_semi_structured``.
-
-Every target is checked to be N:M before anything is written.
+What is written is listed in :mod:`step_lightning.export`. Every target is checked to be N:M before anything is
+written.
 """
 
 from __future__ import annotations
@@ -24,8 +14,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from step_lightning.callbacks.base import NMSparsityCallback, recipe_classes
+from step_lightning.export.safetensors_io import format_table, save_safetensors
+from step_lightning.export.semi_structured import check_semi_structured, semi_structured_support
 from step_lightning.sparsity import check_nm_sparse
 
 
@@ -34,19 +27,6 @@ class ExportResult:
     output: Path
     files: list[Path]
     table: str
-
-
-def semi_structured_support() -> str | None:
-    """``None`` if 2:4 semi-structured conversion can run here, else why not (for the user)."""
-    if not torch.cuda.is_available():
-        return ("`--semi_structured` converts 2:4 weights for NVIDIA sparse tensor cores and needs a CUDA GPU of "
-                "compute capability 8.0 or newer (A100, H100, ...); this machine has no CUDA GPU. Export without "
-                "`--semi_structured`: model.pt holds the same N:M weights in dense format.")
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 0):
-        return (f"`--semi_structured` needs compute capability >= 8.0 for sparse tensor cores; "
-                f"{torch.cuda.get_device_name()} has {major}.{minor}. Export without `--semi_structured`.")
-    return None
 
 
 def _hf_submodule(pl_module: pl.LightningModule) -> tuple[str, Any] | None:
@@ -59,6 +39,11 @@ def _hf_submodule(pl_module: pl.LightningModule) -> tuple[str, Any] | None:
 def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, output: str | Path,
                  semi_structured: bool = False, source: str | None = None) -> ExportResult:
     """Write the N:M form of ``pl_module`` (as defined by ``recipe``) to ``output``.
+
+    Besides the weights (``model.safetensors``, ``model.pt``) and ``sparsity.json``: ``hf/`` with the tokenizer
+    for a model holding a Hugging Face ``PreTrainedModel``; whatever ``pl_module.export_artifacts(output)``
+    writes, if the model defines it (the translation model: its SentencePiece model and config); with
+    ``semi_structured``, ``semi_structured.json`` (:func:`~step_lightning.export.check_semi_structured`).
 
     Raises:
         ValueError: a target is not N:M (names the first bad group), or ``semi_structured`` is asked
@@ -78,12 +63,6 @@ def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, outp
         targets[t.name] = {"n": t.n, "m": t.m, "layout": t.layout, "shape": list(weight.shape),
                            "kept_fraction": round(kept, 6)}
         rows.append((t.name, "x".join(map(str, weight.shape)), t.layout, f"{t.n}:{t.m}", f"{100 * kept:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "model.pt", out / "sparsity.json"]
-    torch.save(state, files[0])
     manifest = {
         "format": "step_lightning.export/1",
         "recipe": type(recipe).__name__,
@@ -94,34 +73,46 @@ def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, outp
         "masked_entries": sum(state[t].numel() for t in targets),
         "kept_entries": sum(int((state[t] != 0).sum()) for t in targets),
     }
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "model.pt", out / "sparsity.json"]
+    torch.save(state, files[0])
     files[1].write_text(json.dumps(manifest, indent=2) + "\n")
+    files.append(save_safetensors(state, out / "model.safetensors", manifest))
 
     hf = _hf_submodule(pl_module)
     if hf is not None:
         prefix, module = hf
         sub_state = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
         module.save_pretrained(out / "hf", state_dict=sub_state)
+        _save_tokenizer(pl_module, out / "hf")
         files.append(out / "hf")
+    export_artifacts = getattr(pl_module, "export_artifacts", None)
+    if callable(export_artifacts):
+        files += export_artifacts(out)
 
     if semi_structured:
-        from torch.sparse import to_sparse_semi_structured
+        files.append(check_semi_structured(state, manifest, out))
+    return ExportResult(out, files, format_table(rows))
 
-        converted = {}
-        for t in recipe.targets:
-            if t.layout == "linear" and (t.n, t.m) == (2, 4):
-                dense = state[t.name].to("cuda", torch.float16)
-                try:
-                    sparse = to_sparse_semi_structured(dense)
-                except RuntimeError as err:
-                    raise RuntimeError(f"`--semi_structured`: {t.name} (shape {tuple(dense.shape)}) cannot be "
-                                       f"converted by to_sparse_semi_structured: {err}") from None
-                if not torch.equal(sparse.to_dense(), dense):
-                    raise ValueError(f"Semi-structured conversion of {t.name} did not round-trip.")
-                converted[t.name] = {"packed": sparse.packed.cpu(), "meta": sparse.meta.cpu(),
-                                     "shape": list(dense.shape)}
-        torch.save(converted, out / "semi_structured.pt")
-        files.append(out / "semi_structured.pt")
-    return ExportResult(out, files, table)
+
+def _save_tokenizer(pl_module: pl.LightningModule, folder: Path) -> None:
+    """The tokenizer of the model's ``model_name_or_path`` into ``folder``, beside its weights (Hugging Face's
+    layout: ``AutoTokenizer.from_pretrained(folder)`` loads it). Training tokenised with the same path (the CLI
+    links ``--data.model_name_or_path`` to the model's). If it cannot be loaded here, the export goes on
+    without it and says so."""
+    name = pl_module.hparams.get("model_name_or_path")
+    if not name:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        rank_zero_warn(f"export: {folder} has no tokenizer: none could be loaded from model_name_or_path={name!r} "
+                       f"({type(err).__name__}: {err}). Save it there with tokenizer.save_pretrained({str(folder)!r}).")
+        return
+    tokenizer.save_pretrained(folder)
 
 
 def load_for_export(ckpt_path: str | Path) -> tuple[pl.LightningModule, NMSparsityCallback]:
