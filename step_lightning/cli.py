@@ -144,7 +144,17 @@ class StepLightningCLI(LightningCLI):
         self._reject_init_from()
 
     def before_predict(self) -> None:
+        """Add a :class:`~step_lightning.callbacks.PredictionWriter` (into the run's log directory) when the
+        model can be written (``format_predictions``) and no ``BasePredictionWriter`` is configured: a
+        ``predict`` that prints nothing and writes nothing would be useless. A configured writer wins."""
         self._reject_init_from()
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from step_lightning.callbacks.predictions import PredictionWriter
+
+        if callable(getattr(self.model, "format_predictions", None)) and not any(
+                isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
     def _reject_init_from(self) -> None:
         # A run's saved config.yaml keeps its `init_from`: reusing that config to evaluate must still work.

@@ -3,8 +3,10 @@
 from step_lightning.callbacks.asp import ASPCallback
 from step_lightning.callbacks.base import NMSparsityCallback
 from step_lightning.callbacks.checkpoint import LastCheckpoint
+from step_lightning.callbacks.predictions import PredictionTable, PredictionWriter
 from step_lightning.callbacks.srste import SRSTECallback
 from step_lightning.callbacks.step import STEPCallback
 from step_lightning.callbacks.summary import SparsitySummary
 
-__all__ = ["ASPCallback", "LastCheckpoint", "NMSparsityCallback", "SRSTECallback", "STEPCallback", "SparsitySummary"]
+__all__ = ["ASPCallback", "LastCheckpoint", "NMSparsityCallback", "PredictionTable", "PredictionWriter",
+           "SRSTECallback", "STEPCallback", "SparsitySummary"]

@@ -32,6 +32,9 @@ STATS = {
 PADDING = 4
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 def cifar_files(data_dir: str | Path, dataset: CIFARName) -> dict[str, Any]:
     """Where the standard CIFAR distribution keeps its files under ``data_dir`` (torchvision's layout)."""
     tv = _TORCHVISION[dataset]
@@ -167,6 +170,8 @@ class CIFARDataModule(pl.LightningDataModule):
         self.gpu_augment = gpu_augment
         self.seed = seed
         self.num_classes = 10 if dataset == "cifar10" else 100
+        # Class names for written predictions (CIFAR-100's 100 fine labels are written as numbers).
+        self.classes = CIFAR10_CLASSES if dataset == "cifar10" else None
         self.mean, self.std = STATS[dataset]
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -25,6 +25,7 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     num_classes = 10
+    classes = tuple(str(digit) for digit in range(10))
     in_channels = 1
     image_size = 8
 

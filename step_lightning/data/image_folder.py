@@ -126,6 +126,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader("val")
 
+    def prediction_keys(self, dataloader_idx: int = 0) -> tuple[str, list[str]]:
+        """The ``path`` of each predicted image (``val/``), for :class:`~step_lightning.callbacks.PredictionWriter`."""
+        return "path", [path for path, _ in self.sets["val"].samples]
+
 
 def _normalization_problems(mean: Sequence[float], std: Sequence[float]) -> list[str]:
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):

@@ -80,6 +80,7 @@ class MNISTDataModule(pl.LightningDataModule):
     """
 
     num_classes = 10
+    classes = tuple(str(digit) for digit in range(10))
     in_channels = 1
     image_size = 28
 

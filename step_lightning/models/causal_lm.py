@@ -238,6 +238,16 @@ class CausalLM(pl.LightningModule):
         return tokenizer.decode(out[0], skip_special_tokens=True)
 
     @override
+    def on_predict_start(self) -> None:
+        # Lightning's default predict_step would run the forward pass over WikiText's test blocks and return
+        # logits nobody reads: say what to use instead, before any batch.
+        raise NotImplementedError(
+            "CausalLM has no `predict`: WikiText holds no prompts to continue, and perplexity is what `test` "
+            "reports (`python -m step_lightning test --config ... --ckpt_path ...`). To continue a prompt, export "
+            "the model (`python -m step_lightning export`) and load <export>/hf/ with transformers' "
+            "AutoModelForCausalLM and AutoTokenizer (`model.generate`), or call CausalLM.generate_sample(prompt).")
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_STATE_KEY] = self.validation_runs
 

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from step_lightning.callbacks.predictions import PredictionTable
 from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
 from step_lightning.models.components.mlp import MLP
 from step_lightning.models.components.resnet import cifar_resnet
@@ -149,7 +150,20 @@ class ImageClassifier(pl.LightningModule):
         self._shared_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).argmax(dim=-1)
+        """Class probabilities ``(batch, num_classes)``: the softmax of the logits, in fp32."""
+        return self(batch[0]).float().softmax(dim=-1)
+
+    def format_predictions(self, predictions: list[torch.Tensor], dataloader_idx: int = 0) -> PredictionTable:
+        """``predictions.csv`` for :class:`~step_lightning.callbacks.PredictionWriter`: ``index`` (``path`` for
+        image folders), the most probable ``class`` (its name when the data module has ``classes``) and its
+        ``probability``."""
+        classes = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
+        table = PredictionTable("predictions.csv", ("index", "class", "probability"))
+        for probabilities in predictions:
+            best, label = probabilities.max(dim=-1)
+            table.rows += [(classes[c] if classes else c, f"{p:.6f}") for c, p in zip(label.tolist(), best.tolist(),
+                                                                                       strict=True)]
+        return table
 
     def configure_optimizers(self) -> Any:
         return configure_optimization(self, self.parameters(), self.optimizer_factory, self.scheduler_factory)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from step_lightning.callbacks.predictions import PredictionTable
 from step_lightning.checks import PositiveInt, check_arguments
 from step_lightning.models.evaluation import any_updated, updated_on_any_rank
 from step_lightning.models.optimization import configure_optimization, parameter_groups
@@ -224,6 +225,26 @@ class SequenceClassifier(pl.LightningModule):
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
                      ) -> torch.Tensor:
         return self.predictions(self(batch))
+
+    def format_predictions(self, predictions: list[torch.Tensor], dataloader_idx: int = 0) -> PredictionTable:
+        """GLUE's submission format for :class:`~step_lightning.callbacks.PredictionWriter`: ``<Task>.tsv``
+        (``MNLI-m.tsv``/``MNLI-mm.tsv``) with ``index\tprediction`` rows.
+
+        The prediction is written as GLUE's files and server spell labels: the label name for MNLI, QNLI and RTE
+        (``entailment``, ...), the class number for CoLA, SST-2, MRPC, QQP and WNLI (whose files use 0/1, so a
+        name there would be rejected), the score for STS-B. ``GLUEDataModule`` predicts on the dev set(s) (the
+        test sets have no labels to train on, but the format is the same).
+        """
+        spec = TASKS[self.task]
+        suffix = ("-m", "-mm")[dataloader_idx] if len(self.eval_suffixes) == 2 else ""
+        table = PredictionTable(f"{spec.folder}{suffix}.tsv", ("index", "prediction"), delimiter="\t")
+        for batch in predictions:
+            for value in batch.tolist():
+                if spec.labels is None:
+                    table.rows.append((f"{value:.3f}",))
+                else:
+                    table.rows.append((spec.labels[value] if spec.named_labels else value,))
+        return table
 
     def configure_optimizers(self) -> Any:
         groups = parameter_groups(self, no_decay=self.weight_decay_exclude)

@@ -20,7 +20,8 @@ class TaskSpec:
     ``text``/``label`` are the column names of the ``nyu-mll/glue`` dataset; ``tsv_text``/``tsv_label`` the
     header names in the official TSV files (an ``int`` is a column position, for CoLA's header-less files).
     ``labels`` lists the class names in the order of ``datasets``' ``ClassLabel`` (``None``: regression).
-    ``dev`` maps each validation split name of ``datasets`` to its official file.
+    ``dev`` maps each validation split name of ``datasets`` to its official file. ``named_labels``: the official
+    files (and GLUE's submission format) spell labels by name, not by number.
     """
 
     folder: str
@@ -29,6 +30,7 @@ class TaskSpec:
     tsv_label: str | int
     labels: tuple[str, ...] | None
     dev: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)
+    named_labels: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -49,11 +51,12 @@ TASKS: dict[str, TaskSpec] = {
                     ("not_duplicate", "duplicate")),
     "mnli": TaskSpec("MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
                      ("entailment", "neutral", "contradiction"),
-                     (("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
+                     (("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv")),
+                     named_labels=True),
     "qnli": TaskSpec("QNLI", ("question", "sentence"), ("question", "sentence"), "label",
-                     ("entailment", "not_entailment")),
+                     ("entailment", "not_entailment"), named_labels=True),
     "rte": TaskSpec("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
-                    ("entailment", "not_entailment")),
+                    ("entailment", "not_entailment"), named_labels=True),
     "wnli": TaskSpec("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
                      ("not_entailment", "entailment")),
 }
