@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -74,12 +73,34 @@ def test_writer_needs_a_model_that_formats_its_predictions(tmp_path: Path) -> No
         trainer.predict(TinyModule(), data)
 
 
-def test_causal_lm_predict_says_what_to_use_instead(tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
-    from step_lightning.models.causal_lm import CausalLM
-    from tests.hf_tiny_lm import build_gpt2
+def test_wikitext_predict_continues_the_prompts_of_a_file(in_tmp: Path) -> None:
+    config = "wikitext/gpt2.yaml"
+    prompts = ["The history of the city began", "", "He said", "In 1990 the"]
+    (in_tmp / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    base = ["predict", "--config", str(CONFIGS / config), "--config", str(CONFIGS / "recipes" / "srste_2of4.yaml"),
+            "--config", str(DEBUG), *offline_overrides(config, in_tmp), "--data.init_args.predict_file", "prompts.txt",
+            "--model.init_args.max_new_tokens", "5"]
+    cli = main(base)
+    rows = _read(Path(cli.trainer.log_dir) / "continuations.tsv", "\t")
+    assert rows[0] == ["index", "prompt", "continuation"]
+    assert [r[0] for r in rows[1:]] == ["0", "1", "2", "3"] and [r[1] for r in rows[1:]] == prompts
+    # Row 0 (the longest prompt: no padding) is the greedy continuation of the N:M model.
+    recipe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SRSTECallback")
+    model = cli.model
+    model.load_state_dict(recipe.masked_state_dict(model))
+    ids = model.tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.model.eval().generate(ids, max_new_tokens=5, do_sample=False,
+                                      pad_token_id=model.tokenizer.eos_token_id)
+    assert rows[1][2] == model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    model = CausalLM(str(build_gpt2(tmp_path / "gpt2")))
-    data = DataLoader(TensorDataset(torch.zeros(2, 8, dtype=torch.long)), batch_size=2)
-    with pytest.raises(NotImplementedError, match=r"CausalLM has no `predict`: .*export the model .*hf/"):
-        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(model, data)
+    sampled = [*base, "--model.init_args.do_sample", "true", "--model.init_args.temperature", "2.0"]
+    first = (Path(main(sampled).trainer.log_dir) / "continuations.tsv").read_text(encoding="utf-8")
+    second = (Path(main(sampled).trainer.log_dir) / "continuations.tsv").read_text(encoding="utf-8")
+    assert first == second  # seeded by --model.init_args.sample_seed
+
+
+def test_wikitext_predict_without_prompts_says_how_to_give_them(in_tmp: Path) -> None:
+    config = "wikitext/gpt2.yaml"
+    with pytest.raises(ValueError, match=r"`predict` continues prompts and WikiText has none; .*"
+                                         r"`--data\.init_args\.predict_file PATH`"):
+        main(["predict", "--config", str(CONFIGS / config), "--config", str(DEBUG), *offline_overrides(config, in_tmp)])

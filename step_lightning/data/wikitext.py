@@ -27,7 +27,8 @@ VARIANTS: tuple[str, ...] = ("wikitext-2", "wikitext-103")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 HF_DATASET = "Salesforce/wikitext"  # the Hub id of "wikitext"; its configs are "<variant>-raw-v1"
 _HF_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
-_STAGE_SPLITS = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ("test",)}
+# `predict` reads `predict_file` (prompts), not WikiText.
+_STAGE_SPLITS = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}
 _CACHE_VERSION = 1
 _PIECE_CHARS = 1 << 20  # characters per tokenizer call: bounds memory on WikiText-103's 540 MB training file
 _PIECES_PER_BATCH = 8  # pieces per batched call (fast tokenizers encode a batch on several threads)
@@ -162,6 +163,10 @@ class TokenBlocks(Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+def _prompt_batch(batch: list[tuple[int, str]]) -> dict[str, list[Any]]:
+    return {"index": [index for index, _ in batch], "prompt": [prompt for _, prompt in batch]}
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -203,6 +208,9 @@ class WikiTextDataModule(pl.LightningDataModule):
             (``~/.cache/...``).
         seed: seed of the training order under DDP (a ``DistributedSampler``, so a resumed run sees the
             batches of an uninterrupted one); default: the run's ``seed_everything`` seed.
+        predict_file: prompts for ``predict`` to continue, one per line (UTF-8; empty lines are kept as empty
+            prompts, so output row ``i`` is line ``i``); batches of ``eval_batch_size`` ``{"index", "prompt"}``.
+            ``predict`` needs it and reads no WikiText.
 
     Raises:
         ValueError: an invalid argument, a ``block_size`` larger than the model's context, or a split
@@ -227,6 +235,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         num_workers: NonNegativeInt = 0,
         cache_dir: str | None = None,
         seed: int | None = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         check_arguments(WikiTextDataModule, locals(), flag="--data.{}")
@@ -240,6 +249,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
         self.seed = seed
+        self.predict_file = predict_file
         self.datasets: dict[str, TokenBlocks] = {}
         self._tokenizer: Any = None
 
@@ -298,8 +308,16 @@ class WikiTextDataModule(pl.LightningDataModule):
                 "wiki.valid.raw and wiki.test.raw (the official raw zip)."
             ) from err
 
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.predicting
+
     @override
     def prepare_data(self) -> None:
+        if self._predicting():  # prompts only: no WikiText to read or tokenise
+            if self.predict_file is not None and not Path(self.predict_file).is_file():
+                raise FileNotFoundError(f"WikiTextDataModule: `--data.predict_file`={self.predict_file!r} does not "
+                                        "exist (the prompts to continue, one per line).")
+            return
         todo = [split for split in SPLITS if not self.cache_path(split).is_file()]
         if not todo:
             return
@@ -359,3 +377,13 @@ class WikiTextDataModule(pl.LightningDataModule):
     @override
     def test_dataloader(self) -> StatefulDataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> StatefulDataLoader:
+        """The prompts of ``predict_file`` as ``{"index", "prompt"}`` batches, in file order."""
+        if self.predict_file is None:
+            raise ValueError("WikiTextDataModule: `predict` continues prompts and WikiText has none; give a file of "
+                             "prompts, one per line, with `--data.init_args.predict_file PATH`.")
+        lines = Path(self.predict_file).read_text(encoding="utf-8").splitlines()
+        return stateful_loader(list(enumerate(lines)), self.trainer, self.eval_batch_size, False, 0,
+                               num_workers=0, collate_fn=_prompt_batch)

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 from typing_extensions import override
 
-from step_lightning.checks import NonEmptyStr, NonNegativeInt, PositiveInt, check_arguments
+from step_lightning.callbacks.predictions import PredictionTable
+from step_lightning.checks import NonEmptyStr, NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from step_lightning.models.optimization import configure_optimization, parameter_groups
 
 Batch = dict[str, torch.Tensor]
@@ -80,6 +81,10 @@ class CausalLM(pl.LightningModule):
     global rank zero; greedy decoding draws no random numbers, and the RNG state is forked anyway, so
     training's randomness is untouched).
 
+    ``predict`` continues the prompts of ``WikiTextDataModule.predict_file`` (one per line) by ``max_new_tokens``
+    tokens, greedily or sampled (``do_sample``, seeded); the CLI's
+    :class:`~step_lightning.callbacks.PredictionWriter` writes ``continuations.tsv`` into the run folder.
+
     Args:
         model_name_or_path: a Hugging Face model name or a local directory (``save_pretrained``); its
             tokenizer is used for the samples.
@@ -91,7 +96,10 @@ class CausalLM(pl.LightningModule):
             :class:`~step_lightning.optim.WarmupDecayLR` takes its length from the trainer.
         generate_every_n_val: write a sample every this many validations; ``0``: never.
         prompt: the text the sample continues.
-        max_new_tokens: tokens generated per sample.
+        max_new_tokens: tokens generated per sample, and per prompt in ``predict``.
+        do_sample: ``predict`` samples (at ``temperature``) instead of decoding greedily.
+        temperature: the sampling temperature of ``predict`` with ``do_sample``.
+        sample_seed: seeds ``predict``'s sampling (with each batch's first line number).
 
     Raises:
         ValueError: an invalid argument.
@@ -120,6 +128,9 @@ class CausalLM(pl.LightningModule):
         generate_every_n_val: NonNegativeInt = 1,
         prompt: NonEmptyStr = "The",
         max_new_tokens: PositiveInt = 32,
+        do_sample: bool = False,
+        temperature: PositiveFloat = 1.0,
+        sample_seed: int = 0,
     ) -> None:
         super().__init__()
         check_arguments(CausalLM, locals(), flag="--model.{}")
@@ -237,15 +248,50 @@ class CausalLM(pl.LightningModule):
             self.model.train(was_training)
         return tokenizer.decode(out[0], skip_special_tokens=True)
 
+    # ---- predict: continue prompts ------------------------------------------------------------------------
     @override
-    def on_predict_start(self) -> None:
-        # Lightning's default predict_step would run the forward pass over WikiText's test blocks and return
-        # logits nobody reads: say what to use instead, before any batch.
-        raise NotImplementedError(
-            "CausalLM has no `predict`: WikiText holds no prompts to continue, and perplexity is what `test` "
-            "reports (`python -m step_lightning test --config ... --ckpt_path ...`). To continue a prompt, export "
-            "the model (`python -m step_lightning export`) and load <export>/hf/ with transformers' "
-            "AutoModelForCausalLM and AutoTokenizer (`model.generate`), or call CausalLM.generate_sample(prompt).")
+    def predict_step(self, batch: dict[str, list[Any]], batch_idx: int) -> list[tuple[str, str]]:
+        """``(prompt, continuation)`` for a batch of prompts (``WikiTextDataModule.predict_file``): the generated
+        text only, ``max_new_tokens`` tokens at most.
+
+        Greedy unless ``do_sample``; sampling is seeded per batch by ``sample_seed`` and the batch's first line
+        number, so a rerun (on any number of devices with the same batches) writes the same text.
+        """
+        from transformers import GenerationConfig
+
+        prompts = batch.get("prompt") if isinstance(batch, dict) else None
+        if prompts is None:
+            raise ValueError("CausalLM.predict_step continues prompts: batches must be {'index', 'prompt'}, as "
+                             "WikiTextDataModule gives with `--data.init_args.predict_file PATH`.")
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
+        try:
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            # An empty prompt starts from the end-of-text token, as GPT-2's unconditional samples do.
+            inputs = tokenizer([p or tokenizer.eos_token for p in prompts], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(self.device)
+        finally:
+            tokenizer.padding_side = side
+        hp = self.hparams
+        config = GenerationConfig(max_new_tokens=hp["max_new_tokens"], do_sample=hp["do_sample"], num_beams=1,
+                                  temperature=hp["temperature"] if hp["do_sample"] else None,
+                                  eos_token_id=eos, pad_token_id=pad)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(hp["sample_seed"] + int(batch["index"][0]))
+            out = self.model.generate(**inputs, generation_config=config)
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return list(zip(prompts, texts, strict=True))
+
+    def format_predictions(self, predictions: list[list[tuple[str, str]]], dataloader_idx: int = 0
+                           ) -> PredictionTable:
+        """``continuations.tsv`` for :class:`~step_lightning.callbacks.PredictionWriter`: ``index``, ``prompt``,
+        ``continuation`` (the generated text only; fields with tabs or newlines are quoted, CSV-style)."""
+        return PredictionTable("continuations.tsv", ("index", "prompt", "continuation"),
+                               [pair for batch in predictions for pair in batch], delimiter="\t")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
