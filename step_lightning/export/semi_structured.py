@@ -53,6 +53,10 @@ def _backend() -> Any:
     return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
 
 
+def _backend_name() -> str:
+    return str(getattr(_backend(), "BACKEND", _backend().__name__))
+
+
 @dataclass
 class SemiStructuredLayer:
     """One N:M target and whether it runs as a ``SparseSemiStructuredTensor`` (``reason``: why not)."""
@@ -75,8 +79,10 @@ def plan_semi_structured(manifest: dict[str, Any], dtype: torch.dtype = torch.bf
     if dtype not in DTYPES.values():
         raise ValueError(f"semi-structured dtype must be torch.float16 or torch.bfloat16, got {dtype}.")
     backend = _backend()
-    limits = backend._DTYPE_SHAPE_CONSTRAINTS[dtype]
-    rows_min, cols_min = limits.sparse_min_rows, limits.sparse_min_cols
+    backend_name = _backend_name()
+    limits = getattr(backend, "_DTYPE_SHAPE_CONSTRAINTS", {}).get(dtype)
+    # torch keeps the table on the backend class; should a release move it, the strictest block (CUTLASS's).
+    rows_min, cols_min = (limits.sparse_min_rows, limits.sparse_min_cols) if limits is not None else (32, 64)
     layers = []
     for name, spec in manifest.get("targets", {}).items():
         shape = list(spec["shape"])
@@ -86,8 +92,7 @@ def plan_semi_structured(manifest: dict[str, Any], dtype: torch.dtype = torch.bf
         elif spec["layout"] != "linear" or len(shape) != 2:
             reason = f"layout {spec['layout']!r} (only nn.Linear weights)"
         elif shape[0] % rows_min or shape[1] % cols_min:
-            reason = (f"shape {shape[0]}x{shape[1]} is not a multiple of {rows_min}x{cols_min} "
-                      f"({backend.BACKEND}, {dtype})")
+            reason = f"shape {shape[0]}x{shape[1]} is not a multiple of {rows_min}x{cols_min} ({backend_name}, {dtype})"
         layers.append(SemiStructuredLayer(name, shape, not reason, reason))
     return layers
 
@@ -109,7 +114,7 @@ def _sparsify(linear: nn.Linear, name: str) -> None:
         sparse = to_sparse_semi_structured(dense)
     except RuntimeError as err:
         raise RuntimeError(f"{name} (shape {tuple(dense.shape)}, {dense.dtype}) cannot be converted by "
-                           f"torch.sparse.to_sparse_semi_structured ({_backend().BACKEND}): {err} If cuSPARSELt is "
+                           f"torch.sparse.to_sparse_semi_structured ({_backend_name()}): {err} If cuSPARSELt is "
                            "missing from this torch build, set torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS "
                            "= True.") from None
     if not torch.equal(sparse.to_dense(), dense):
@@ -173,7 +178,7 @@ def check_semi_structured(state: dict[str, torch.Tensor], manifest: dict[str, An
     path = output / SEMI_STRUCTURED_FILE
     path.write_text(json.dumps({
         "format": "step_lightning.semi_structured/1", "weights": "model.safetensors",
-        "dtype": str(dtype).removeprefix("torch."), "backend": _backend().BACKEND, "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "backend": _backend_name(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "layers": [asdict(layer) for layer in layers],
         "load": "step_lightning.export.load_semi_structured(module, export_dir)"}, indent=2) + "\n")
     return path
