@@ -104,3 +104,18 @@ def test_wikitext_predict_without_prompts_says_how_to_give_them(in_tmp: Path) ->
     with pytest.raises(ValueError, match=r"`predict` continues prompts and WikiText has none; .*"
                                          r"`--data\.init_args\.predict_file PATH`"):
         main(["predict", "--config", str(CONFIGS / config), "--config", str(DEBUG), *offline_overrides(config, in_tmp)])
+
+
+def test_image_folder_predictions_are_keyed_by_path_with_class_names(tmp_path: Path) -> None:
+    from step_lightning.data.image_folder import ImageFolderDataModule
+    from step_lightning.models.image_classifier import ImageClassifier
+    from tests.data.test_image_folder import make_image_folder
+
+    dm = ImageFolderDataModule(str(make_image_folder(tmp_path / "images")), image_size=16, batch_size=2, num_workers=0)
+    model = ImageClassifier(backbone="small_cnn", num_classes=dm.num_classes, in_channels=3, image_size=16)
+    writer = PredictionWriter(str(tmp_path / "out"))
+    tiny_trainer(tmp_path, [writer]).predict(model, dm)
+    rows = _read(tmp_path / "out" / "predictions.csv", ",")
+    assert rows[0] == ["path", "class", "probability"]
+    assert [r[0] for r in rows[1:]] == [path for path, _ in dm.sets["val"].samples]
+    assert {r[1] for r in rows[1:]} <= set(dm.classes)
