@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from step_lightning.callbacks.base import NMSparsityCallback, recipe_classes
-from step_lightning.export.safetensors_io import format_table, save_safetensors
+from step_lightning.export.safetensors_io import format_table, save_safetensors, storage_key
 from step_lightning.export.semi_structured import check_semi_structured, semi_structured_support
 from step_lightning.sparsity import check_nm_sparse
 
@@ -36,6 +36,19 @@ def _hf_submodule(pl_module: pl.LightningModule) -> tuple[str, Any] | None:
     return None
 
 
+def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` detached on the CPU, tied tensors still one tensor (one copy each, not one per name), so that
+    ``model.safetensors`` stores them once."""
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = storage_key(tensor) if tensor.numel() else ("empty", name)
+        if key not in copies:
+            copies[key] = tensor.detach().cpu().contiguous()
+        out[name] = copies[key]
+    return out
+
+
 def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, output: str | Path,
                  semi_structured: bool = False, source: str | None = None) -> ExportResult:
     """Write the N:M form of ``pl_module`` (as defined by ``recipe``) to ``output``.
@@ -52,8 +65,7 @@ def export_model(pl_module: pl.LightningModule, recipe: NMSparsityCallback, outp
     if semi_structured and (why := semi_structured_support()) is not None:
         raise ValueError(why)
     out = Path(output)
-    state = recipe.masked_state_dict(pl_module)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    state = _to_cpu(recipe.masked_state_dict(pl_module))
     targets: dict[str, dict[str, Any]] = {}
     rows = [("weight", "shape", "layout", "N:M", "non-zero %")]
     for t in recipe.targets:

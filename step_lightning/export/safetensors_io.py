@@ -31,7 +31,8 @@ ALIASES_KEY = "step_lightning.aliases"
 LAYOUTS = ("linear", "conv", "conv1d_hf")
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors that are the same memory viewed the same way (tied weights)."""
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
             tensor.dtype)
 
@@ -47,7 +48,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, manife
     targets = set(manifest.get("targets", {}))
     by_storage: dict[tuple[Any, ...], list[str]] = {}
     for name, tensor in state.items():
-        by_storage.setdefault(_storage_key(tensor) if tensor.numel() else ("empty", name), []).append(name)
+        by_storage.setdefault(storage_key(tensor) if tensor.numel() else ("empty", name), []).append(name)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen_storage: set[int] = set()
