@@ -13,8 +13,9 @@ config and a recipe config stack::
     python -m step_lightning fit --config configs/cifar10/resnet18.yaml --config configs/recipes/step_2of4.yaml
     python -m step_lightning fit --config configs/cifar10/resnet18.yaml --recipe STEPCallback --recipe.m 8
 
-The recipe callback is appended to ``trainer.callbacks``; logs go to ``logs/<task>/<model>/<recipe>/``
-(:func:`step_lightning.naming.run_name`).
+The recipe callback is appended to ``trainer.callbacks``; logs and checkpoints go to
+``logs/<task>/<model>/<recipe>/`` (:func:`step_lightning.naming.run_name`), below ``--trainer.default_root_dir``
+when it is given (:func:`log_root`), unless ``--trainer.logger`` is set.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class StepLightningCLI(LightningCLI):
             name = run_name(str(files[0]) if files else "default", config.get("recipe"))
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": name},
+                "init_args": {"save_dir": log_root(config.trainer.get("default_root_dir")), "name": name},
             }
 
     def before_fit(self) -> None:
@@ -189,6 +190,21 @@ class StepLightningCLI(LightningCLI):
             root = getattr(trainer.logger, "root_dir", None) or log_dir
             lines.append(f"  open TensorBoard: tensorboard --logdir {root}")
         print("\n".join(lines))
+
+
+def log_root(default_root_dir: str | None) -> str:
+    """Where ``fit`` logs without an explicit ``trainer.logger``: ``logs``, below ``default_root_dir`` if given.
+
+    Lightning's contract is that logs and checkpoints go below ``trainer.default_root_dir`` (its own
+    default logger writes ``<default_root_dir>/lightning_logs/version_N``). We keep our layout and put it
+    below that folder: ``<default_root_dir>/logs/<task>/<model>/<recipe>/version_N``. Lightning's
+    ``default_root_dir`` defaults to the working directory, so the run folder is always
+    ``<default_root_dir>/logs/...``, with or without the flag, and the README's ``logs/<task>/...`` paths read
+    the same below any root (``<default_root_dir>/<task>/...`` would mix run folders with whatever else the
+    user keeps there); without the flag it stays the relative ``logs``, so printed paths stay short. An
+    explicit ``--trainer.logger`` (as ``compare`` passes) wins over both.
+    """
+    return str(Path(default_root_dir) / "logs") if default_root_dir else "logs"
 
 
 def export_main(argv: Sequence[str]) -> None:
