@@ -110,7 +110,9 @@ class StepLightningCLI(LightningCLI):
             name = run_name(str(files[0]) if files else "default", config.get("recipe"))
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": log_root(config.trainer.get("default_root_dir")), "name": name},
+                # No `hp_metric` placeholder (-1) in TensorBoard's HPARAMS tab: the runs log their real metrics.
+                "init_args": {"save_dir": log_root(config.trainer.get("default_root_dir")), "name": name,
+                              "default_hp_metric": False},
             }
 
     def before_fit(self) -> None:

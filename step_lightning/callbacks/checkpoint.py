@@ -67,7 +67,8 @@ class LastCheckpoint(Checkpoint):
             return
         assert self.dirpath is not None
         path = str(Path(self.dirpath) / self.FILENAME)
-        trainer.save_checkpoint(path)
+        # Explicit: Lightning logs "`weights_only` was not set" at every save that leaves it to its default.
+        trainer.save_checkpoint(path, weights_only=False)
         self._saved_step = trainer.global_step
         self.last_model_path = path
 
