@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse
 from step_lightning.data.wikitext import WikiTextDataModule
 from step_lightning.models.causal_lm import CausalLM, TokenMeanLoss, TokenPerplexity
-from tests.conftest import tiny_trainer
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer
 from tests.hf_tiny_lm import build_gpt2, build_llama, write_wikitext
 
 RECIPES: dict[str, Any] = {
@@ -84,8 +84,11 @@ def _fit(tmp_path: Path, dirs: dict[str, Path], model_name: str, recipe: Any, **
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_gpt2_trains_under_recipe(tmp_path: Path, lm_dirs: dict[str, Path], recipe: str) -> None:
     callback = RECIPES[recipe]()
-    trainer, _, seen = _fit(tmp_path, lm_dirs, "gpt2", callback, num_sanity_val_steps=1)
+    log = MetricsLog()
+    trainer, _, seen = _fit(tmp_path, lm_dirs, "gpt2", callback, num_sanity_val_steps=1,
+                            logger=[TensorBoardLogger(tmp_path, name="tb"), log])
     assert trainer.global_step == 2
+    assert_train_loss_per_step(log, 2)
     ppl = trainer.callback_metrics["val/ppl"]
     assert torch.isfinite(ppl) and float(ppl) == pytest.approx(math.exp(float(trainer.callback_metrics["val/loss"])))
     samples = _samples(trainer.logger.log_dir)  # type: ignore[union-attr]

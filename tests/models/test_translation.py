@@ -19,7 +19,7 @@ from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, 
 from step_lightning.data.wmt import WMTDataModule  # noqa: E402
 from step_lightning.models.translation import ARCHS, TARGET_PROMPT, TranslationModule  # noqa: E402
 from step_lightning.sparsity import select_targets  # noqa: E402
-from tests.conftest import tiny_trainer  # noqa: E402
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer  # noqa: E402
 from tests.wmt_tiny import make_parallel  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -116,11 +116,13 @@ def test_fit_under_recipe_logs_loss_and_bleu(tmp_path: Path, corpus: Path, recip
     model = _model(dm, bleu_max_batches=1)
     callback = RECIPES[recipe]()
     seen = ValidationWeights()
+    log = MetricsLog()
     trainer = tiny_trainer(tmp_path, [c for c in (callback, seen) if c is not None], max_steps=3,
-                           val_check_interval=3, limit_val_batches=2, check_val_every_n_epoch=None)
+                           val_check_interval=3, limit_val_batches=2, check_val_every_n_epoch=None, logger=log)
     trainer.fit(model, dm)
     metrics = trainer.callback_metrics
     assert trainer.global_step == 3
+    assert_train_loss_per_step(log, 3)
     for key in ("train/loss", "val/loss", "val/nll", "val/bleu"):
         assert torch.isfinite(metrics[key]), key
     assert float(metrics["val/nll"]) != float(metrics["val/loss"])  # val/loss is label-smoothed, val/nll is not
