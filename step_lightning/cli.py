@@ -20,6 +20,7 @@ when it is given (:func:`log_root`), unless ``--trainer.logger`` is set.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +97,20 @@ class StepLightningCLI(LightningCLI):
                 f"{type(self.model).__name__}: {' '.join(line.strip() for line in first[:3])} ... Pass the config the "
                 "checkpoint was trained with (it is saved as config.yaml next to its logs)."
             ) from None
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps an error raised in a constructor into its own (a Union's "Does not validate against
+        # any of the Union subtypes ... Given value type"), printed under a long traceback. A bad value that one of
+        # our classes rejects ends the run with our message alone, one line, exit code 2, as a parser error
+        # does; JSONARGPARSE_DEBUG=true keeps the traceback.
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            ours = our_argument_error(err)
+            if ours is None or os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":
+                raise
+            print(f"error: {ours}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
         # LightningCLI appends the value of every forced-callback key; `recipe: null` (dense) adds none.
@@ -192,6 +207,31 @@ class StepLightningCLI(LightningCLI):
             root = getattr(trainer.logger, "root_dir", None) or log_dir
             lines.append(f"  open TensorBoard: tensorboard --logdir {root}")
         print("\n".join(lines))
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def our_argument_error(err: BaseException) -> BaseException | None:
+    """The ``ValueError`` / ``TypeError`` that step_lightning code raised somewhere in ``err``'s chain
+    (``__cause__``, ``__context__``), or ``None``: an argument check of one of our constructors, which the
+    parser (jsonargparse) wrapped into its own error. Raised from our code means: the innermost frame of
+    its traceback is a file of this package."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (ValueError, TypeError)) and current.__traceback__ is not None:
+            tb = current.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR):
+                return current
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
 
 
 def log_root(default_root_dir: str | None) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -65,3 +67,40 @@ def test_a_short_fit_prints_no_weights_only_notice(in_tmp: Path) -> None:
     assert any("max_epochs=1" in m for m in records.messages)  # the handler does see Lightning's messages
     said = records.messages + [str(w.message) for w in caught]
     assert not [m for m in said if "weights_only" in m]
+
+
+def test_a_value_our_classes_reject_ends_with_our_message_alone() -> None:
+    # The real command line: what the user sees is the whole of stderr and the exit code.
+    result = subprocess.run([sys.executable, "-m", "step_lightning", "fit", "--recipe.init_args.n", "5"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: STEPCallback: `n`:`m` = 5:4 is not a valid N:M ratio (N kept of every M): need 0 < n < m, e.g. 2:4, "
+        "1:4, 1:8, 4:8.")
+    assert "Traceback" not in result.stderr and "Given value" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.init_args.width", "20"], "error: SmallCNN `width` must be a multiple of 16"),
+    (["--trainer.callbacks+=step_lightning.callbacks.LastCheckpoint",
+      "--trainer.callbacks.init_args.every_n_train_steps", "-1"],
+     "error: LastCheckpoint: `every_n_train_steps` must be an integer >= 0, got -1."),
+])
+def test_every_constructor_check_is_one_line(in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                             message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and len(err) == 1, err
+
+
+def test_debug_mode_and_errors_not_ours_keep_their_traceback(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    with pytest.raises(ValueError, match="5:4 is not a valid N:M ratio"):
+        main(["fit", "--recipe.init_args.n", "5"])
+    monkeypatch.delenv("JSONARGPARSE_DEBUG")
+    # Lightning's own check of a Trainer argument is not ours to reword.
+    with pytest.raises(Exception, match="val_check_interval") as err:
+        main(["fit", "--config", str(QUICKSTART), "--trainer.val_check_interval", "-3"])
+    assert not isinstance(err.value, SystemExit)
