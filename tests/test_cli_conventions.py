@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from step_lightning.cli import QUICKSTART, main
+from step_lightning import cli as cli_module
+from step_lightning.cli import QUICKSTART, StepLightningCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = CONFIGS / "debug.yaml"
@@ -104,3 +105,33 @@ def test_debug_mode_and_errors_not_ours_keep_their_traceback(in_tmp: Path, monke
     with pytest.raises(Exception, match="val_check_interval") as err:
         main(["fit", "--config", str(QUICKSTART), "--trainer.val_check_interval", "-3"])
     assert not isinstance(err.value, SystemExit)
+
+
+@pytest.mark.parametrize(("native", "warned"), [(False, "has no bf16 units"), (None, "unknown here"), (True, None)])
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     native: bool | None, warned: str | None) -> None:
+    monkeypatch.setattr(cli_module, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        StepLightningCLI(args=["--config", str(QUICKSTART), "--trainer.accelerator", "cpu",
+                               "--trainer.precision", "bf16-mixed"], run=False)
+    said = [str(w.message) for w in caught if "bf16" in str(w.message)]
+    if warned is None:
+        assert not said
+    else:
+        assert len(said) == 1 and warned in said[0] and "`--trainer.precision 32-true`" in said[0]
+    with warnings.catch_warnings(record=True) as caught:  # fp32: nothing to say
+        warnings.simplefilter("always")
+        StepLightningCLI(args=["--config", str(QUICKSTART), "--trainer.accelerator", "cpu"], run=False)
+    assert not [w for w in caught if "bf16" in str(w.message)]
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    assert cli_module.cpu_has_native_bf16(info) is None  # no such file: unknown
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cli_module.cpu_has_native_bf16(info) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cli_module.cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Arm
+    assert cli_module.cpu_has_native_bf16(info) is True
