@@ -45,6 +45,17 @@ def test_default_root_dir_holds_logs_and_checkpoints(in_tmp: Path, capsys: pytes
     assert (Path("elsewhere") / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_csv_logger_run_keeps_the_figure_the_table_and_the_export(in_tmp: Path) -> None:
+    cli = main([*SHORT, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "csv"])
+    run_dir = Path("csv") / "lightning_logs" / "version_0"
+    assert Path(cli.trainer.log_dir) == run_dir
+    for name in ("autoswitch.png", "sparsity_layers.md", "metrics.csv", "export/model.pt", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "autoswitch.png").read_bytes().startswith(b"\x89PNG")
+    assert "| net.fc.0.weight | 128x64 | 2:4 | 0.500 |" in (run_dir / "sparsity_layers.md").read_text()
+    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
 def test_the_default_is_logs_in_the_working_directory(in_tmp: Path) -> None:
     cli = main(SHORT)
     assert Path(cli.trainer.log_dir) == Path("logs") / "quickstart" / "step_2of4" / "version_0"

@@ -88,7 +88,10 @@ class SparsitySummary(Callback):
       log geometric-mean ``v_hat`` over the window) against its threshold, on a log scale, with the switch
       step marked.
 
-    It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer and does nothing without one.
+    The files go to the run folder, ``trainer.log_dir``, whatever the logger (a ``CSVLogger`` run has them
+    too; without a logger, ``default_root_dir``); the TensorBoard text and image only where a
+    ``TensorBoardLogger`` is configured. It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer
+    and does nothing without one.
 
     Example::
 
