@@ -113,11 +113,13 @@ def tiny_trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> 
 
 
 class MetricsLog(Logger):
-    """A logger that keeps every ``log_metrics`` call: which tags were logged at which step."""
+    """A logger that keeps every ``log_metrics`` call (which tags were logged at which step) and the
+    hyperparameters logged."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[tuple[int | None, dict[str, float]]] = []
+        self.hparams: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -131,7 +133,7 @@ class MetricsLog(Logger):
         self.rows.append((step, dict(metrics)))
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
+        self.hparams.update(params if isinstance(params, dict) else vars(params))
 
     def steps_of(self, tag: str) -> list[int | None]:
         return [step for step, metrics in self.rows if tag in metrics]
