@@ -59,7 +59,11 @@ def test_a_csv_logger_run_keeps_the_figure_the_table_and_the_export(in_tmp: Path
 def test_the_default_is_logs_in_the_working_directory(in_tmp: Path) -> None:
     cli = main(SHORT)
     assert Path(cli.trainer.log_dir) == Path("logs") / "quickstart" / "step_2of4" / "version_0"
-    assert cli.trainer.logger._default_hp_metric is False  # type: ignore[union-attr]  # no -1 placeholder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]  # no -1 placeholder
 
 
 def test_a_short_fit_prints_no_weights_only_notice(in_tmp: Path) -> None:
