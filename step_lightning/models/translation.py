@@ -304,7 +304,8 @@ class TranslationModule(pl.LightningModule):
     def _log_bleu_signature(self, stage: str, signature: str) -> None:
         """Say how ``<stage>/bleu`` was computed, once per signature: sacreBLEU's signature (references,
         case, tokeniser, smoothing, version) as the hyperparameter ``<stage>/bleu_signature`` of every
-        logger (``hparams.yaml``) and, with TensorBoard, a text of the same name."""
+        logger (a ``CSVLogger`` rewrites its ``hparams.yaml``; a ``TensorBoardLogger`` writes that file once,
+        at the start) and, with TensorBoard, as a text of the same name."""
         if self.bleu_signatures.get(stage) == signature:
             return
         self.bleu_signatures[stage] = signature
