@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -109,6 +110,41 @@ def tiny_trainer(tmp_path: Any, callbacks: list[pl.Callback], **kwargs: Any) -> 
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class MetricsLog(Logger):
+    """A logger that keeps every ``log_metrics`` call (which tags were logged at which step) and the
+    hyperparameters logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+        self.hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hparams.update(params if isinstance(params, dict) else vars(params))
+
+    def steps_of(self, tag: str) -> list[int | None]:
+        return [step for step, metrics in self.rows if tag in metrics]
+
+
+def assert_train_loss_per_step(log: MetricsLog, steps: int) -> None:
+    """The task loss is logged as ``train/loss`` at every optimizer step (``log_every_n_steps=1``), every
+    module alike, and under no ``train/loss_step`` / ``train/loss_epoch`` variant."""
+    assert log.steps_of("train/loss") == list(range(steps))
+    tags = {tag for _, metrics in log.rows for tag in metrics}
+    assert not [tag for tag in tags if tag.startswith("train/loss_")], tags
 
 
 def make_cifar(root: Any, dataset: str = "cifar10", n_train: int = 40, n_test: int = 16, seed: int = 0) -> None:

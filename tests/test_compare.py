@@ -182,11 +182,11 @@ def test_dry_run_is_a_task_x_recipe_grid_with_dense_first_and_asp_from_its_seed(
                                command[7]]
         assert command[7].endswith(recipe)
         assert command[8:12] == ["--config", "debug.yaml", "--trainer.max_epochs", "1"]  # --extra, verbatim
-        assert command[14:18] == ["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        assert command[14:19] == ["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
                                   "--trainer.logger.save_dir=out dir", f"--trainer.logger.name={name}",
-                                  f"--trainer.logger.version=seed{seed}"]
+                                  f"--trainer.logger.version=seed{seed}", "--trainer.logger.default_hp_metric=false"]
         dense_ckpt = f"out dir/{name.rsplit('/', 1)[0]}/dense/seed{seed}/checkpoints/last.ckpt"
-        assert command[18:] == (["--init_from", dense_ckpt] if name.endswith("asp_2of4") else [])
+        assert command[19:] == (["--init_from", dense_ckpt] if name.endswith("asp_2of4") else [])
     assert "'out dir/net/dense/seed1/checkpoints/last.ckpt'" in lines[7]  # shell-quoted
     assert not (in_tmp / "out dir").exists()  # a dry run writes nothing
 

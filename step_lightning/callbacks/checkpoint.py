@@ -17,7 +17,26 @@ class LastCheckpoint(Checkpoint):
     Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when it also
     saves a top-k checkpoint, so after a validation that did not improve, ``last.ckpt`` is stale; and
     without ``every_n_train_steps`` a crash loses the epoch in progress. This callback only writes
-    ``last.ckpt`` (keep a ``ModelCheckpoint(monitor=...)`` beside it for the best model). It saves through
+    ``last.ckpt`` (keep a ``ModelCheckpoint(monitor=...)`` beside it for the best model).
+
+    Its closest Lightning equivalent, ``ModelCheckpoint(save_last=True, every_n_train_steps=N,
+    save_top_k=0)`` (checked against Lightning 2.6.6), saves ``last.ckpt`` at the same multiples of N,
+    through the same ``trainer.save_checkpoint`` (so as atomically, and with the same loop state for a
+    mid-epoch resume), but differs in three ways, each shown by ``tests/callbacks/test_checkpoint.py``:
+
+    * after a validation, and at the end of training, it rewrites ``last.ckpt`` only if it already saved
+      at that step (``on_validation_end`` / ``on_train_epoch_end`` test ``_last_global_step_saved ==
+      global_step``; ``on_train_end`` saves only if nothing was ever saved): with N = 3 and 7 steps,
+      validating at step 5, its ``last.ckpt`` holds step 3 after the validation and step 6 at the end;
+      ours holds 5, then 7. A resume from it repeats up to N - 1 steps and their validation;
+    * with ``save_on_exception=True`` it writes ``last.ckpt`` (and an ``epoch=..-step=..`` file) from the
+      state at the exception; we never save on an exception or interrupt, so a run that died of a
+      non-finite loss or a bug leaves the last state saved at a clean step boundary, not a broken one;
+    * if a ``last.ckpt`` it did not write is already in its folder, it writes ``last-v1.ckpt`` beside it
+      (``enable_version_counter``); we replace ``last.ckpt``, the one name ``--ckpt_path`` and
+      ``compare`` look for.
+
+    It saves through
     ``trainer.save_checkpoint``: every rank calls it, rank 0 writes, and the CLI's
     :class:`~step_lightning.checkpointing.AtomicCheckpointIO` makes the write atomic, so a ``kill -9`` at
     any moment leaves the previous ``last.ckpt`` intact. Mid-epoch checkpoints resume on the next batch
@@ -67,7 +86,8 @@ class LastCheckpoint(Checkpoint):
             return
         assert self.dirpath is not None
         path = str(Path(self.dirpath) / self.FILENAME)
-        trainer.save_checkpoint(path)
+        # Explicit: Lightning logs "`weights_only` was not set" at every save that leaves it to its default.
+        trainer.save_checkpoint(path, weights_only=False)
         self._saved_step = trainer.global_step
         self.last_model_path = path
 

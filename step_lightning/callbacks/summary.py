@@ -43,13 +43,18 @@ YLABELS = {
 def autoswitch_figure(history: list[tuple[int, float]], threshold: float, switch_step: int | None,
                       statistic: str) -> Any:
     """A matplotlib figure of the AutoSwitch window value (what the test compares) against its threshold, the
-    switch marked."""
-    import matplotlib
+    switch marked.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A ``matplotlib.figure.Figure`` on its own Agg canvas, not ``pyplot``: no global backend is chosen or
+    changed (a notebook keeps its inline backend) and no figure is registered with pyplot, so none needs
+    closing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if history:
         steps, means = zip(*history, strict=True)
         ax.plot(steps, means, label=f"window value ({statistic} statistic)")
@@ -65,6 +70,14 @@ def autoswitch_figure(history: list[tuple[int, float]], threshold: float, switch
     return fig
 
 
+def figure_pixels(fig: Any) -> Any:
+    """The RGB pixels (height x width x 3, uint8 numpy array) of a figure drawn on its Agg canvas."""
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 class SparsitySummary(Callback):
     """Writes, at the end of ``fit``, what the N:M recipe did, next to the run's logs.
 
@@ -75,7 +88,10 @@ class SparsitySummary(Callback):
       log geometric-mean ``v_hat`` over the window) against its threshold, on a log scale, with the switch
       step marked.
 
-    It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer and does nothing without one.
+    The files go to the run folder, ``trainer.log_dir``, whatever the logger (a ``CSVLogger`` run has them
+    too; without a logger, ``default_root_dir``); the TensorBoard text and image only where a
+    ``TensorBoardLogger`` is configured. It needs a recipe callback (STEP, SR-STE, ASP) in the same Trainer
+    and does nothing without one.
 
     Example::
 
@@ -111,8 +127,5 @@ class SparsitySummary(Callback):
         if out_dir is not None:
             fig.savefig(out_dir / "autoswitch.png")
             self.files.append(out_dir / "autoswitch.png")
-        if tb is not None:
-            tb.add_figure("sparsity/autoswitch", fig, trainer.global_step, close=False)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        if tb is not None:  # rendered here: TensorBoard's `add_figure` would go through pyplot
+            tb.add_image("sparsity/autoswitch", figure_pixels(fig), trainer.global_step, dataformats="HWC")

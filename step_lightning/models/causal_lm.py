@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ from step_lightning.models.optimization import configure_optimization, parameter
 
 Batch = dict[str, torch.Tensor]
 _STATE_KEY = "causal_lm_validation_runs"
+SAMPLES_FILE = "val_samples.md"  # in the run folder, one "## step N" section per sample
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -77,9 +79,10 @@ class CausalLM(pl.LightningModule):
 
     At the end of every ``generate_every_n_val``-th validation (never the sanity check) the model being
     validated (under an N:M recipe the masked one, which the recipe callback swaps in) continues ``prompt``
-    greedily and the text goes to TensorBoard as ``val/sample`` (only with a ``TensorBoardLogger``, only on
-    global rank zero; greedy decoding draws no random numbers, and the RNG state is forked anyway, so
-    training's randomness is untouched).
+    greedily. The text is appended to ``val_samples.md`` in the run folder (``trainer.log_dir``, whatever
+    the logger: CSV, TensorBoard, none) and, with a ``TensorBoardLogger``, also logged as ``val/sample``;
+    only on global rank zero. Greedy decoding draws no random numbers, and the RNG state is forked anyway,
+    so training's randomness is untouched.
 
     ``predict`` continues the prompts of ``WikiTextDataModule.predict_file`` (one per line) by ``max_new_tokens``
     tokens, greedily or sampled (``do_sample``, seeded); the CLI's
@@ -215,16 +218,23 @@ class CausalLM(pl.LightningModule):
             self._write_sample()
 
     def _write_sample(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not writers:
+        if not writers and log_dir is None:
             return
         zero = self.trainer.is_global_zero
         if not (zero or _sharded(self.trainer.strategy)):
             return
         text = self.generate_sample()
-        if zero:
-            for writer in writers:
-                writer.add_text("val/sample", text, self.global_step)
+        if not zero:
+            return
+        for writer in writers:
+            writer.add_text("val/sample", text, self.global_step)
+        if log_dir is not None:
+            path = Path(log_dir) / SAMPLES_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(f"## step {self.global_step}\n\n{text}\n\n")
 
     @torch.no_grad()
     def generate_sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:

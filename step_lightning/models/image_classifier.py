@@ -135,8 +135,10 @@ class ImageClassifier(pl.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test")
+        # Training: `train/loss` per step, the tag every module logs (Lightning would suffix `_step`/`_epoch`
+        # to a value logged both ways); evaluation: the epoch mean.
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=stage != "test")
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 

@@ -33,7 +33,8 @@ TARGET_PROMPT = 2
 EXPORT_SPM = "sentencepiece.model"
 EXPORT_CONFIG = "translation.json"
 
-# Vaswani et al. (2017) Transformer base and big; "tiny" is for tests and smoke runs.
+# The dimensions of Vaswani et al.'s (2017) Transformer base and big (the layers are pre-LN: build_transformer);
+# "tiny" is for tests and smoke runs.
 ARCHS: dict[str, dict[str, Any]] = {
     "tiny": {"model_dim": 64, "num_encoder_layers": 2, "num_decoder_layers": 2, "num_encoder_attn_heads": 4,
              "num_decoder_attn_heads": 4, "ffn_inner_dim": 128},
@@ -54,10 +55,17 @@ def build_transformer(arch: Arch, num_tokens: int, pad_idx: int = 0, max_positio
                       dropout_p: float = 0.1) -> nn.Module:
     """fairseq2's encoder-decoder Transformer (``create_nllb_model``) in the dims of ``arch``, torch modules inside.
 
-    Pre-LN, sinusoidal positions, one embedding shared by encoder, decoder and output projection. The
-    projections and the embedding are ``nn.Linear`` / ``nn.Embedding`` (:func:`to_torch_modules`), so the
-    N:M target rule masks every attention and feed-forward projection and leaves the embedding and the
-    output projection (tied to it) dense.
+    What fairseq2 0.8's NLLB factory builds (``fairseq2/models/nllb/factory.py``), the architecture of the
+    dense NLLB-200 models: a **pre-LN** Transformer (``TransformerNormOrder.PRE``: ``x + f(LayerNorm(x))``
+    for each attention and feed-forward sub-layer ``f``, and a final LayerNorm after the encoder and after
+    the decoder stacks; Xiong et al. 2020; fairseq's ``transformer_wmt_en_de`` with
+    ``--encoder-normalize-before --decoder-normalize-before``), not the post-LN layers of Vaswani et al.
+    (2017), whose dimensions ``base`` and ``big`` take. Also: sinusoidal positions, embeddings scaled by
+    sqrt(model_dim) and initialised from N(0, 1/model_dim), ReLU feed-forward, dropout on embeddings and
+    sub-layer outputs (none on attention weights), one embedding shared by encoder, decoder and output
+    projection. The projections and the embedding are ``nn.Linear`` / ``nn.Embedding``
+    (:func:`to_torch_modules`), so the N:M target rule masks every attention and feed-forward projection and
+    leaves the embedding and the output projection (tied to it) dense.
     """
     nllb = import_fairseq2("fairseq2.models.nllb")
     config = nllb.NllbConfig(vocab_size=num_tokens, pad_idx=pad_idx, max_seq_len=max_positions, dropout_p=dropout_p,
@@ -92,17 +100,21 @@ def _shape_problems(pad_idx: int, num_tokens: int, max_gen_len: Any) -> list[str
 class TranslationModule(pl.LightningModule):
     """Encoder-decoder Transformer for translation, trained with label-smoothed cross-entropy.
 
-    Built with fairseq2's ``create_nllb_model`` in Vaswani et al.'s ``base`` (512 dims, 6+6 layers, 8 heads,
-    2048 FFN) or ``big`` (1024, 6+6, 16, 4096) shape, or ``tiny`` (64, 2+2, 4, 128) for tests. Batches are
+    Built with fairseq2's ``create_nllb_model``, a pre-LN Transformer (:func:`build_transformer`), in the
+    dimensions of Vaswani et al.'s ``base`` (512 dims, 6+6 layers, 8 heads, 2048 FFN) or ``big`` (1024, 6+6,
+    16, 4096), or ``tiny`` (64, 2+2, 4, 128) for tests. Batches are
     those of :class:`~step_lightning.data.WMTDataModule` (token ids padded with ``pad_idx``; targets start
     with ``</s> __lang__``).
 
     Logged: ``train/loss`` (label-smoothed, per target token) every step; ``val/loss`` (label-smoothed, per
     token) and ``val/nll`` (plain) every validation; ``val/bleu`` (sacreBLEU, default 13a tokenisation, on
     detokenised beam-search output against the reference text, gathered over all ranks) every
-    ``bleu_every_n_val`` validations, on at most ``bleu_max_batches`` batches per process. The same under
-    ``test/`` (BLEU on every test batch). ``predict`` translates ``WMTDataModule.predict_file`` with beam search
-    and writes one line per input line, in input order, to ``predict_output``.
+    ``bleu_every_n_val`` validations, on at most ``bleu_max_batches`` batches per process, with its
+    sacreBLEU signature (e.g. ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0``) as the
+    hyperparameter ``val/bleu_signature`` (and a TensorBoard text), so a reported BLEU says how it was
+    computed. The same under ``test/`` (BLEU on every test batch). ``predict`` translates
+    ``WMTDataModule.predict_file`` with beam search and writes one line per input line, in input order, to
+    ``predict_output``.
 
     The hot path never waits on the device: sequence lengths come from the data module as host integers, the
     loss is normalised by a host count, and the fairseq2 batch layouts are built with a few tensor ops.
@@ -183,6 +195,7 @@ class TranslationModule(pl.LightningModule):
         self._predictions: list[tuple[int, str]] = []
         self._num_val = 0
         self.tokenizer_files: dict[str, Any] | None = None
+        self.bleu_signatures: dict[str, str] = {}  # stage -> sacreBLEU signature of its last BLEU
 
     # ---- model --------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,13 +302,32 @@ class TranslationModule(pl.LightningModule):
             parts = self._all_ranks((self._hyps, self._refs))
             hyps, refs = [h for p in parts for h in p[0]], [r for p in parts for r in p[1]]
             if hyps:
-                import sacrebleu
+                from sacrebleu.metrics import BLEU
 
-                score = sacrebleu.corpus_bleu(hyps, [refs]).score
+                bleu = BLEU()
+                score = bleu.corpus_score(hyps, [refs]).score
                 self.log(f"{stage}/bleu", torch.tensor(score, device=self.device), prog_bar=stage == "val")
+                self._log_bleu_signature(stage, str(bleu.get_signature()))
         self._hyps, self._refs = [], []
         if stage == "val" and not self.trainer.sanity_checking:
             self._num_val += 1
+
+    def _log_bleu_signature(self, stage: str, signature: str) -> None:
+        """Say how ``<stage>/bleu`` was computed, once per signature: sacreBLEU's signature (references,
+        case, tokeniser, smoothing, version) as the hyperparameter ``<stage>/bleu_signature`` of every
+        logger (a ``CSVLogger`` rewrites its ``hparams.yaml``; a ``TensorBoardLogger`` writes that file once,
+        at the start) and, with TensorBoard, as a text of the same name."""
+        if self.bleu_signatures.get(stage) == signature:
+            return
+        self.bleu_signatures[stage] = signature
+        if not self.trainer.is_global_zero:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            logger.log_hyperparams({f"{stage}/bleu_signature": signature})
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(f"{stage}/bleu_signature", signature, self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

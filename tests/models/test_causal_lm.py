@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse
 from step_lightning.data.wikitext import WikiTextDataModule
 from step_lightning.models.causal_lm import CausalLM, TokenMeanLoss, TokenPerplexity
-from tests.conftest import tiny_trainer
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer
 from tests.hf_tiny_lm import build_gpt2, build_llama, write_wikitext
 
 RECIPES: dict[str, Any] = {
@@ -84,13 +84,17 @@ def _fit(tmp_path: Path, dirs: dict[str, Path], model_name: str, recipe: Any, **
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_gpt2_trains_under_recipe(tmp_path: Path, lm_dirs: dict[str, Path], recipe: str) -> None:
     callback = RECIPES[recipe]()
-    trainer, _, seen = _fit(tmp_path, lm_dirs, "gpt2", callback, num_sanity_val_steps=1)
+    log = MetricsLog()
+    trainer, _, seen = _fit(tmp_path, lm_dirs, "gpt2", callback, num_sanity_val_steps=1,
+                            logger=[TensorBoardLogger(tmp_path, name="tb"), log])
     assert trainer.global_step == 2
+    assert_train_loss_per_step(log, 2)
     ppl = trainer.callback_metrics["val/ppl"]
     assert torch.isfinite(ppl) and float(ppl) == pytest.approx(math.exp(float(trainer.callback_metrics["val/loss"])))
     samples = _samples(trainer.logger.log_dir)  # type: ignore[union-attr]
     assert [step for step, _ in samples] == [2]  # once per validation, none for the sanity check
     assert samples[0][1].startswith("The")
+    assert (Path(trainer.logger.log_dir) / "val_samples.md").read_text() == f"## step 2\n\n{samples[0][1]}\n\n"  # type: ignore[union-attr]
     if callback is None:
         return
     names = sorted(t.name for t in callback.targets)
@@ -158,21 +162,24 @@ def test_sample_is_greedy_and_leaves_the_rng_alone(lm_dirs: dict[str, Path]) -> 
     assert first == model.generate_sample() and first.startswith("the cat") and len(first) > len("the cat")
 
 
-def test_no_sample_without_tensorboard_or_when_disabled(tmp_path: Path, lm_dirs: dict[str, Path]) -> None:
+def test_samples_go_to_the_run_folder_with_any_logger_and_none_when_disabled(tmp_path: Path,
+                                                                            lm_dirs: dict[str, Path]) -> None:
     calls: list[str] = []
     model = CausalLM(str(lm_dirs["gpt2"]), max_new_tokens=2)
     model.generate_sample = lambda *a, **k: calls.append("generated") or "x"  # type: ignore[method-assign]
-    trainer = tiny_trainer(tmp_path, [], max_steps=1, limit_val_batches=1, val_check_interval=1,
-                           logger=CSVLogger(tmp_path))
+    logger = CSVLogger(tmp_path)
+    trainer = tiny_trainer(tmp_path, [], max_steps=2, limit_val_batches=1, val_check_interval=1, logger=logger)
     trainer.fit(model, _data(lm_dirs))
-    assert calls == [] and "val/ppl" in trainer.callback_metrics
+    assert calls == ["generated", "generated"] and "val/ppl" in trainer.callback_metrics
+    assert (Path(logger.log_dir) / "val_samples.md").read_text() == "## step 1\n\nx\n\n## step 2\n\nx\n\n"
+    calls.clear()
 
     off = CausalLM(str(lm_dirs["gpt2"]), generate_every_n_val=0)
     off.generate_sample = lambda *a, **k: calls.append("generated") or "x"  # type: ignore[method-assign]
     logger = TensorBoardLogger(tmp_path, name="off")
     tiny_trainer(tmp_path, [], max_steps=1, limit_val_batches=1, val_check_interval=1, logger=logger).fit(
         off, _data(lm_dirs))
-    assert calls == [] and _samples(logger.log_dir) == []
+    assert calls == [] and _samples(logger.log_dir) == [] and not (Path(logger.log_dir) / "val_samples.md").exists()
 
 
 def test_default_optimizer_and_parameter_groups(lm_dirs: dict[str, Path]) -> None:

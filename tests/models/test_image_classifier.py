@@ -13,7 +13,7 @@ from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, 
 from step_lightning.data import CIFARDataModule
 from step_lightning.models import ImageClassifier
 from step_lightning.models.image_classifier import build_backbone
-from tests.conftest import tiny_trainer
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer
 
 RECIPES: dict[str, Any] = {
     "dense": lambda: None,
@@ -57,8 +57,10 @@ def _fit(tmp_path: Path, data: Path, backbone: str, recipe: Any, **trainer_kwarg
 )
 def test_backbone_trains_under_recipe(tmp_path: Path, tiny_cifar: Path, backbone: str, recipe: str) -> None:
     callback = RECIPES[recipe]()
-    trainer, seen = _fit(tmp_path, tiny_cifar, backbone, callback)
+    log = MetricsLog()
+    trainer, seen = _fit(tmp_path, tiny_cifar, backbone, callback, logger=log)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert_train_loss_per_step(log, 2)
     assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
     if callback is None:
         return

@@ -16,7 +16,7 @@ from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, 
 from step_lightning.data.glue import GLUEDataModule
 from step_lightning.models.sequence_classifier import SequenceClassifier
 from step_lightning.tasks.glue import TASKS
-from tests.conftest import tiny_trainer
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer
 from tests.hf_tiny import make_glue, make_tiny_bert
 
 RECIPES: dict[str, Any] = {
@@ -156,7 +156,9 @@ def _fit(tmp_path: Path, tiny_bert: Path, glue_root: Path, task: str, recipe: An
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_sst2_trains_under_recipe(tmp_path: Path, tiny_bert: Path, glue_root: Path, recipe: str) -> None:
     callback = RECIPES[recipe]()
-    trainer, _, seen = _fit(tmp_path, tiny_bert, glue_root, "sst2", callback)
+    log = MetricsLog()
+    trainer, _, seen = _fit(tmp_path, tiny_bert, glue_root, "sst2", callback, logger=log)
+    assert_train_loss_per_step(log, 2)
     metrics = trainer.callback_metrics
     assert trainer.global_step == 2 and torch.isfinite(metrics["val/loss"]) and torch.isfinite(metrics["train/loss"])
     assert 0.0 <= float(metrics["val/acc"]) <= 1.0 and float(metrics["val/score"]) == float(metrics["val/acc"])

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.skipif(
     reason="needs the translation extra (fairseq2, sentencepiece)")
 
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse  # noqa: E402
+from step_lightning._fairseq2 import import_fairseq2  # noqa: E402
 from step_lightning.data.wmt import WMTDataModule  # noqa: E402
 from step_lightning.models.translation import ARCHS, TARGET_PROMPT, TranslationModule  # noqa: E402
 from step_lightning.sparsity import select_targets  # noqa: E402
-from tests.conftest import tiny_trainer  # noqa: E402
+from tests.conftest import MetricsLog, assert_train_loss_per_step, tiny_trainer  # noqa: E402
 from tests.wmt_tiny import make_parallel  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -70,6 +71,11 @@ def test_projections_are_targets_and_the_tied_embedding_stays_dense() -> None:
     assert embed.weight is inner.decoder_frontend.embed.weight is inner.final_proj.weight
     assert isinstance(inner.encoder.layers[0].self_attn.q_proj, nn.Linear)
     assert ARCHS["base"]["model_dim"] == 512 and ARCHS["big"]["ffn_inner_dim"] == 4096
+    # What the docs and the WMT config say: pre-LN layers and a final LayerNorm per stack (not Vaswani's post-LN).
+    pre = import_fairseq2("fairseq2.models.transformer").TransformerNormOrder.PRE
+    for stack in (inner.encoder, inner.decoder):
+        assert all(layer.norm_order == pre for layer in stack.layers)
+        assert isinstance(stack.layer_norm, nn.Module)
 
 
 def test_swapped_modules_compute_what_fairseq2_computes() -> None:
@@ -116,13 +122,16 @@ def test_fit_under_recipe_logs_loss_and_bleu(tmp_path: Path, corpus: Path, recip
     model = _model(dm, bleu_max_batches=1)
     callback = RECIPES[recipe]()
     seen = ValidationWeights()
+    log = MetricsLog()
     trainer = tiny_trainer(tmp_path, [c for c in (callback, seen) if c is not None], max_steps=3,
-                           val_check_interval=3, limit_val_batches=2, check_val_every_n_epoch=None)
+                           val_check_interval=3, limit_val_batches=2, check_val_every_n_epoch=None, logger=log)
     trainer.fit(model, dm)
     metrics = trainer.callback_metrics
     assert trainer.global_step == 3
+    assert_train_loss_per_step(log, 3)
     for key in ("train/loss", "val/loss", "val/nll", "val/bleu"):
         assert torch.isfinite(metrics[key]), key
+    assert log.hparams["val/bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert float(metrics["val/nll"]) != float(metrics["val/loss"])  # val/loss is label-smoothed, val/nll is not
     if callback is None:
         return

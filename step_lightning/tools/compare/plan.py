@@ -274,7 +274,8 @@ def fit_command(run: PlannedRun, output: Path, extra: Sequence[str]) -> list[str
                 "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
                 f"--trainer.logger.save_dir={output}",
                 f"--trainer.logger.name={run.name}",
-                f"--trainer.logger.version=seed{run.seed}"]
+                f"--trainer.logger.version=seed{run.seed}",
+                "--trainer.logger.default_hp_metric=false"]  # as fit's own logger: no -1 placeholder
     if run.init_from is not None:
         command += ["--init_from", str(run.init_from)]
     return command
