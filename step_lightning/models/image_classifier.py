@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,10 +12,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
+from step_lightning.extras import install_hint
 from step_lightning.models.components.mlp import MLP
-from step_lightning.models.components.resnet import cifar_resnet
 from step_lightning.models.components.small_cnn import SmallCNN
-from step_lightning.models.components.vit import small_vit
 from step_lightning.models.optimization import configure_optimization
 
 Backbone = Literal["small_cnn", "mlp", "resnet18", "resnet50", "vit"]
@@ -50,8 +50,16 @@ def build_backbone(backbone: str, num_classes: int, in_channels: int, image_size
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, **size)
     if backbone == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, **size)
+    # The ResNets and the ViT are torchvision's, imported here: the quickstart's CNN runs with the `cli` extra alone.
+    if importlib.util.find_spec("torchvision") is None:
+        raise ModuleNotFoundError(f"`--model.backbone`={backbone!r} is torchvision's, which the `vision` extra "
+                                  f"installs: {install_hint('vision')}", name="torchvision")
     if backbone in ("resnet18", "resnet50"):
+        from step_lightning.models.components.resnet import cifar_resnet
+
         return cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
+    from step_lightning.models.components.vit import small_vit
+
     return small_vit(num_classes, in_channels, image_size, **size)
 
 
