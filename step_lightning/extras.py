@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Iterable, Mapping, MutableMapping
+from types import ModuleType
 from typing import Any
 
 # The modules the command line imports (LightningCLI, TensorBoard logging, the summary figure, the quickstart's
@@ -26,8 +27,16 @@ def install_hint(extra: str) -> str:
 
 
 def missing_modules(modules: Iterable[str]) -> list[str]:
-    """The top-level modules of ``modules`` that cannot be imported here (found by ``find_spec``, not imported)."""
-    return [name for name in modules if importlib.util.find_spec(name) is None]
+    """The top-level modules of ``modules`` that cannot be imported here (looked up by ``find_spec``, not
+    imported)."""
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a finder refusing it, or None in sys.modules: not importable either
+            return True
+
+    return [name for name in modules if missing(name)]
 
 
 def cli_missing_message(program: str = "step_lightning") -> str | None:
@@ -40,24 +49,30 @@ def cli_missing_message(program: str = "step_lightning") -> str | None:
             f"install it with: {install_hint('cli')}")
 
 
+def import_extra(module: str, extra: str, what: str) -> ModuleType:
+    """``importlib.import_module(module)``; a third-party module missing on the way raises ``ModuleNotFoundError``
+    saying that ``what`` needs ``extra`` and how to install it (a missing step_lightning module is re-raised)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] == "step_lightning":
+            raise
+        raise ModuleNotFoundError(f"{what} needs {err.name!r}, which the `{extra}` extra installs: "
+                                  f"{install_hint(extra)}", name=err.name) from err
+
+
 def lazy_attribute(package: str, table: Mapping[str, tuple[str, str]], name: str,
                    namespace: MutableMapping[str, Any]) -> Any:
     """Module ``__getattr__`` body: import the module that ``table[name]`` names and return its ``name``.
 
     ``table`` maps each public name to ``(module, extra)``. The attribute is cached in ``namespace`` (the
     package's ``globals()``), so the import happens once. A third-party module missing while importing raises
-    ``ModuleNotFoundError`` naming the extra; an unknown ``name`` raises ``AttributeError`` as Python does.
+    ``ModuleNotFoundError`` naming the extra (:func:`import_extra`); an unknown ``name`` raises
+    ``AttributeError`` as Python does.
     """
     if name not in table:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     module_name, extra = table[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is None or err.name.split(".")[0] == "step_lightning":
-            raise
-        raise ModuleNotFoundError(f"{package}.{name} needs {err.name!r}, which the `{extra}` extra installs: "
-                                  f"{install_hint(extra)}", name=err.name) from err
-    value = getattr(module, name)
+    value = getattr(import_extra(module_name, extra, f"{package}.{name}"), name)
     namespace[name] = value
     return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,7 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
-from step_lightning.extras import install_hint
+from step_lightning.extras import import_extra
 from step_lightning.models.components.mlp import MLP
 from step_lightning.models.components.small_cnn import SmallCNN
 from step_lightning.models.optimization import configure_optimization
@@ -51,16 +50,12 @@ def build_backbone(backbone: str, num_classes: int, in_channels: int, image_size
     if backbone == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, **size)
     # The ResNets and the ViT are torchvision's, imported here: the quickstart's CNN runs with the `cli` extra alone.
-    if importlib.util.find_spec("torchvision") is None:
-        raise ModuleNotFoundError(f"`--model.backbone`={backbone!r} is torchvision's, which the `vision` extra "
-                                  f"installs: {install_hint('vision')}", name="torchvision")
+    what = f"`--model.backbone`={backbone!r}"
     if backbone in ("resnet18", "resnet50"):
-        from step_lightning.models.components.resnet import cifar_resnet
-
-        return cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
-    from step_lightning.models.components.vit import small_vit
-
-    return small_vit(num_classes, in_channels, image_size, **size)
+        resnet = import_extra("step_lightning.models.components.resnet", "vision", what)
+        return resnet.cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
+    return import_extra("step_lightning.models.components.vit", "vision", what).small_vit(
+        num_classes, in_channels, image_size, **size)
 
 
 class ImageClassifier(pl.LightningModule):
