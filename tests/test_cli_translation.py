@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,10 @@ import torch
 
 from step_lightning import check_nm_sparse
 from step_lightning.cli import main
+from tests.conftest import requires_translation
 from tests.test_cli import CONFIGS, DEBUG, fit_every_recipe, offline_overrides
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("fairseq2") is None or importlib.util.find_spec("sentencepiece") is None,
-    reason="needs the translation extra (fairseq2, sentencepiece)")
+pytestmark = requires_translation
 
 TASK = "wmt17_de_en/transformer_base.yaml"
 STEP = ["--config", str(CONFIGS / "recipes" / "step_2of4.yaml")]

@@ -6,6 +6,7 @@ written.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -153,7 +154,10 @@ def load_for_export(ckpt_path: str | Path) -> tuple[pl.LightningModule, NMSparsi
                          "export as N:M. Train with STEPCallback, SRSTECallback or ASPCallback.")
     state = checkpoint["callbacks"][recipe_keys[0]]
     cls = recipe_classes()[recipe_keys[0].split("{")[0]]
-    import step_lightning.models  # noqa: F401  (Lightning only instantiates classes already imported)
+    class_path = hparams.get("_class_path")
+    if isinstance(class_path, str) and class_path.startswith("step_lightning.models."):
+        # Lightning instantiates only classes already imported; step_lightning.models imports a family on first use.
+        getattr(importlib.import_module(class_path.rpartition(".")[0]), class_path.rpartition(".")[2], None)
 
     try:
         model = pl.LightningModule.load_from_checkpoint(path, map_location="cpu")

@@ -12,10 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from step_lightning.callbacks.predictions import PredictionTable
 from step_lightning.checks import ClosedUnitInterval, PositiveInt, check_arguments
+from step_lightning.extras import import_extra
 from step_lightning.models.components.mlp import MLP
-from step_lightning.models.components.resnet import cifar_resnet
 from step_lightning.models.components.small_cnn import SmallCNN
-from step_lightning.models.components.vit import small_vit
 from step_lightning.models.optimization import configure_optimization
 
 Backbone = Literal["small_cnn", "mlp", "resnet18", "resnet50", "vit"]
@@ -51,9 +50,13 @@ def build_backbone(backbone: str, num_classes: int, in_channels: int, image_size
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, **size)
     if backbone == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, **size)
+    # The ResNets and the ViT are torchvision's, imported here: the quickstart's CNN runs with the `cli` extra alone.
+    what = f"`--model.backbone`={backbone!r}"
     if backbone in ("resnet18", "resnet50"):
-        return cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
-    return small_vit(num_classes, in_channels, image_size, **size)
+        resnet = import_extra("step_lightning.models.components.resnet", "vision", what)
+        return resnet.cifar_resnet(18 if backbone == "resnet18" else 50, num_classes, in_channels)
+    return import_extra("step_lightning.models.components.vit", "vision", what).small_vit(
+        num_classes, in_channels, image_size, **size)
 
 
 class ImageClassifier(pl.LightningModule):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("fairseq2") is None or importlib.util.find_spec("sentencepiece") is None,
-    reason="needs the translation extra (fairseq2, sentencepiece)")
+from tests.conftest import requires_translation
+
+pytestmark = requires_translation
 
 from step_lightning.data.wmt import WMTDataModule  # noqa: E402
 from tests.wmt_tiny import make_parallel  # noqa: E402

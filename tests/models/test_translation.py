@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("fairseq2") is None or importlib.util.find_spec("sentencepiece") is None,
-    reason="needs the translation extra (fairseq2, sentencepiece)")
+from tests.conftest import requires_translation
+
+pytestmark = requires_translation
 
 from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, check_nm_sparse  # noqa: E402
 from step_lightning._fairseq2 import import_fairseq2  # noqa: E402
