@@ -16,6 +16,9 @@ from step_lightning.optim import fused
 from .test_step_adamw import model_and_grads, run
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+# log_v_hat sums log(v / TINY) (about 87 per element) and subtracts 87 per element again: two summation orders
+# agree to about 1e-5 of 87, in log units (the AutoSwitch threshold is 0.25).
+STAT_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def twin_runs(implementations: tuple[str, str], watch: bool = False, freeze_after: int | None = None,
@@ -52,7 +55,7 @@ def assert_same(models: list[nn.Module], stats: list[list[dict]]) -> None:
     for sa, sb in zip(*stats, strict=True):
         assert sa.keys() == sb.keys()
         for key in sa:
-            torch.testing.assert_close(sa[key], sb[key], **TOL)
+            torch.testing.assert_close(sa[key], sb[key], **STAT_TOL)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -76,7 +79,7 @@ def test_compiled_watched_and_frozen_steps_match_foreach(weight_decay: float, bi
 def test_state_dict_round_trips_between_implementations(swap_at: int) -> None:
     reference, _ = twin_runs(("foreach", "foreach"), watch=True, freeze_after=3)
     for pair in (("fused", "foreach"), ("foreach", "fused")):
-        models, stats = twin_runs(pair, watch=True, freeze_after=3, swap_at=swap_at)
+        models, _ = twin_runs(pair, watch=True, freeze_after=3, swap_at=swap_at)
         for a, b in zip(models[0].parameters(), reference[0].parameters(), strict=True):
             torch.testing.assert_close(a, b, **TOL)
 
@@ -110,7 +113,7 @@ def test_bad_implementation_is_rejected() -> None:
 
 
 def test_a_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_compile(fn, **kwargs):  # noqa: ANN001, ANN202
+    def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler")
         return run
