@@ -71,7 +71,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -217,12 +217,14 @@ class RecipeOptimizer:
     """Mixin for a LightningModule: ``configure_optimizers`` builds the optimizer named by ``optimizer_name``."""
 
     optimizer_name = "adamw"
+    # How torch.optim.AdamW runs (the dense baseline, SR-STE, ASP); gpu_check.py sets {"fused": True}.
+    adamw_kwargs: ClassVar[dict[str, bool]] = {"foreach": True}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.parameters()  # type: ignore[attr-defined]
         if self.optimizer_name == "step_adamw":
             return StepAdamW(params, lr=LR, weight_decay=1e-2)
-        return torch.optim.AdamW(params, lr=LR, weight_decay=1e-2, foreach=True)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=1e-2, **self.adamw_kwargs)
 
 
 class BenchModule(RecipeOptimizer, pl.LightningModule):
