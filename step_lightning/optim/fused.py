@@ -38,33 +38,44 @@ def fused_supported(param: Tensor) -> bool:
         torch.is_floating_point(param) and param.device.type in _get_fused_kernels_supported_devices()
 
 
-def _stats(v: Tensor, g: Tensor, step: Tensor, beta2: float) -> Tensor:
+def _stats(v: Tensor, g: Tensor, shift: Tensor, beta2: float) -> Tensor:
     """``[sum |v - g^2|, sum v_new, sum log v_hat over v_new > 0, count of v_new > 0]`` of one tensor, fp32.
 
     As the foreach reference: ``log v_hat = log(max(v, TINY) / TINY) + log(TINY) - log(1 - beta2 ** k)`` on
-    the elements with ``v > TINY`` (the first term is exactly 0 elsewhere, which is what is counted).
+    the elements with ``v > TINY`` (the first term is exactly 0 elsewhere, which is what is counted);
+    ``shift = log(TINY) - log(1 - beta2 ** k)`` comes in as a 0-d tensor (:func:`_bias_terms`).
     """
     v32, g32 = v.float(), g.float()
     gg = g32 * g32
     v_new = v32 * beta2 + gg * (1 - beta2)
     level = torch.log(torch.clamp_min(v_new, _TINY)) - _LOG_TINY
     nonzero = (level != 0).sum(dtype=torch.float32)
-    shift = _LOG_TINY - torch.log(1 - torch.pow(beta2, step.float()))
     return torch.stack([(v32 - gg).abs().sum(), v_new.sum(), level.sum() + nonzero * shift, nonzero])
 
 
-def _frozen(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, decay: float,
+def _frozen(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: Tensor, beta1: float, decay: float,
             scale: float, eps: float) -> None:
-    """In place, as the foreach reference: ``p *= decay; m = lerp(m, g, 1 - beta1); p += (-lr / bc1) * m / denom``
-    with ``denom = sqrt(v*) * scale + eps`` (``scale`` is ``1 / sqrt(1 - beta2 ** T0)`` or 1)."""
+    """In place, as the foreach reference: ``p *= decay; m = lerp(m, g, 1 - beta1); p += step_size * m / denom``
+    with ``denom = sqrt(v*) * scale + eps`` (``scale`` is ``1 / sqrt(1 - beta2 ** T0)`` or 1) and the 0-d
+    ``step_size = -lr / (1 - beta1 ** k)`` (:func:`_bias_terms`)."""
     p.mul_(decay)
     m.lerp_(g, 1 - beta1)
     denom = torch.sqrt(v) * scale + eps
-    p.add_(m / denom * (-lr / (1 - torch.pow(beta1, step.float()))))
+    p.add_(m / denom * step_size)
 
 
 _STATS = CompiledKernel("StepAdamW statistic", _stats)
 _FROZEN = CompiledKernel("StepAdamW frozen step", _frozen)
+
+
+def _bias_terms(steps: list[Tensor], beta: float, device: torch.device) -> list[Tensor]:
+    """``1 - beta ** k`` per step counter, as 0-d fp32 tensors on ``device``: computed here, once per tensor, since
+    Inductor would inline a 0-d expression into the elementwise loop and evaluate ``pow`` per element; no host sync
+    (the counters may live on the GPU)."""
+    out = torch._foreach_pow(beta, [s.to(device, torch.float32) for s in steps])
+    torch._foreach_mul_(out, -1.0)
+    torch._foreach_add_(out, 1.0)
+    return out
 
 
 def compiled_available(device: torch.device) -> bool:
@@ -79,9 +90,12 @@ def _key(t: Tensor) -> str:
 def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], beta2: float) -> Tensor | None:
     """The four sums of :func:`_stats` over watched tensors (before their update), or ``None`` on a failure."""
     parts = []
-    for v, g, step in zip(vs, grads, steps, strict=True):
-        out = _STATS(_key(v), mark_dynamic(v.view(-1), (0,)), mark_dynamic(g.reshape(-1), (0,)),
-                     step.to(v.device), beta2)
+    shifts = _bias_terms(steps, beta2, vs[0].device)
+    torch._foreach_log_(shifts)
+    torch._foreach_mul_(shifts, -1.0)
+    torch._foreach_add_(shifts, _LOG_TINY)
+    for v, g, shift in zip(vs, grads, shifts, strict=True):
+        out = _STATS(_key(v), mark_dynamic(v.view(-1), (0,)), mark_dynamic(g.reshape(-1), (0,)), shift, beta2)
         if out is None:
             return None
         parts.append(out)
@@ -94,13 +108,17 @@ def frozen_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     failed: the caller updates the rest with the foreach reference)."""
     beta1, _ = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
-    for i, (p, g, m, v, step, scale) in enumerate(zip(params, grads, exp_avgs, frozen_vs, steps, scales,
-                                                      strict=True)):
+    if not params:
+        return 0
+    step_sizes = torch._foreach_reciprocal(_bias_terms(steps, beta1, params[0].device))
+    torch._foreach_mul_(step_sizes, -lr)
+    for i, (p, g, m, v, step_size, scale) in enumerate(zip(params, grads, exp_avgs, frozen_vs, step_sizes, scales,
+                                                           strict=True)):
         flat = [mark_dynamic(t.view(-1), (0,)) for t in (p, m, v)]
         if _FROZEN.failed:
             return i
-        _FROZEN(_key(p), flat[0], mark_dynamic(g.reshape(-1), (0,)), flat[1], flat[2], step.to(p.device),
-                float(lr), float(beta1), 1 - lr * wd, scale, eps)
+        _FROZEN(_key(p), flat[0], mark_dynamic(g.reshape(-1), (0,)), flat[1], flat[2], step_size, float(beta1),
+                1 - lr * wd, scale, eps)
         if _FROZEN.failed:
             return i
     return len(params)
