@@ -136,11 +136,11 @@ def check_mask_implementation(implementation: str) -> None:
 def use_compiled_mask(implementation: MaskImplementation, device: torch.device) -> bool:
     """Whether :func:`nm_mask` with ``implementation`` tries the fused kernel for a weight on ``device``.
 
-    ``"auto"`` means the fused kernel on CUDA and eager on CPU. Measured on a 2-core CPU
-    (benchmarks/RESULTS.md, 2026-12-04): the kernel makes 2:4 several times faster, but one compile costs
-    20-60 s there, which a run repays only after thousands of mask updates, and CPU runs are mostly short
-    (tests, smoke runs); ask for ``"compiled"`` explicitly in a long CPU run. On a GPU the eager path is
-    ~10-30 kernel launches per weight and a compile takes seconds.
+    ``"auto"`` means the fused kernel on CUDA and eager on CPU. Measured on a CPU (benchmarks/RESULTS.md,
+    2026-12-04): Inductor's C++ kernel is scalar there (the group members are strided loads), 1.2x faster
+    than eager at 2:4, 1.6x at 1:8, 4.9x at 1:16, while one compile costs 30-60 s, which a run repays only
+    after thousands of mask updates; ask for ``"compiled"`` explicitly in a long CPU run at 1:8 or 1:16. On
+    a GPU the eager path is 10-130 kernel launches and passes per weight, and a compile takes seconds.
     """
     if implementation == "eager":
         return False
