@@ -41,6 +41,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# This checkout's package and the benchmark modules beside this script, before any installed step_lightning.
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 SECTIONS: dict[str, int] = {"gpu_tests": 100, "micro": 90, "overhead": 150, "cifar_epoch": 90, "sparse_linears": 30}
 # --cpu-smoke: Inductor compiles C++ for the compiled kernels, up to a minute each on a small CPU.
 SMOKE_BUDGET_FACTOR = 5
@@ -165,7 +167,6 @@ def section_sparse_linears(smoke: bool, budget: int) -> str:
 
 
 def run_section(name: str, smoke: bool, fragment: Path) -> None:
-    sys.path.insert(0, str(HERE))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import overhead

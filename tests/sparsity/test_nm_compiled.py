@@ -83,6 +83,20 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pyt
     assert "compiling the fused nm_mask 2:4 kernel for float32 on cpu, B = 1" in caplog.text
 
 
+def test_masked_weights_use_the_chosen_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from step_lightning.sparsity import MaskedWeights, SparseTarget
+
+    seen = []
+    monkeypatch.setattr(nm_compiled, "compiled_keep", lambda g, n, m: seen.append((tuple(g.shape), n, m)))
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    target = SparseTarget(name="fc.weight", param=w, n=2, m=4, layout="linear")
+    masks = MaskedWeights([target], implementation="compiled").compute_masks()
+    assert seen == [((8, 4, 1), 2, 4)]  # tried the fused kernel (which "declined" here: eager result)
+    assert torch.equal(masks[0], nm_mask(w, 2, 4, implementation="eager"))
+    with pytest.raises(ValueError, match=r"Unknown `implementation`='fast'"):
+        MaskedWeights([target], implementation="fast")  # type: ignore[arg-type]
+
+
 def test_auto_is_eager_on_cpu_and_bad_implementation_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     called = []
     monkeypatch.setattr(nm_compiled, "compiled_keep", lambda *args: called.append(args))
