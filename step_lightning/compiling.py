@@ -34,6 +34,12 @@ from typing import Any
 import torch
 
 log = logging.getLogger("step_lightning")
+# As Lightning does for its own logger: without it, INFO lines (the compile announcements) are dropped where the
+# application configured no logging, which is the common case; where it did (root has handlers), leave it alone.
+log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers() and not log.handlers:
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
 
 
 def compile_available(device: torch.device) -> bool:
