@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +78,7 @@ def section_micro(smoke: bool, budget: int) -> str:
     return "\n".join(parts)
 
 
-def section_overhead(smoke: bool, budget: int) -> str:
+def section_overhead(smoke: bool, budget: int) -> Iterator[str]:
     import copy
     import statistics
 
@@ -86,7 +87,7 @@ def section_overhead(smoke: bool, budget: int) -> str:
 
     _device(smoke)  # no CUDA: stop here, before building models
     recipes = ["adamw", "step_precondition", "step_mask_learning", "srste", "asp"]
-    rounds, steps, warmup = (1, 1, 1) if smoke else (2, 8, 3)
+    rounds, steps, warmup = (1, 1, 1) if smoke else (2, 6, 3)
     img, txt, seq, layers = (8, 2, 16, 1) if smoke else (512, 32, 128, 12)
 
     def images():
@@ -106,7 +107,6 @@ def section_overhead(smoke: bool, budget: int) -> str:
     overhead.RecipeOptimizer.adamw_kwargs = {"fused": True}
     labels = {**overhead.RECIPE_LABELS, "adamw": "dense AdamW(fused=True)", "srste": "SR-STE (AdamW fused)",
               "asp": "ASP (prune_at=0, AdamW fused)"}
-    out = []
     for work in works:
         torch.manual_seed(0)
         init = copy.deepcopy(work.build().state_dict())
@@ -120,11 +120,11 @@ def section_overhead(smoke: bool, budget: int) -> str:
             ratios = [t / b for t, b in zip(per_round[recipe], per_round["adamw"], strict=True)]
             rows.append([labels[recipe], f"{1e3 * statistics.median(per_round[recipe]):.1f}",
                          f"{statistics.median(ratios):.3f}", overhead.spread(ratios)])
-        out += [f"#### Step time, bf16-mixed: {work.label}\n",
-                f"{rounds} rounds x {steps} timed steps per recipe after {warmup} warm-up steps (compiles land "
-                "there); ratio = median over rounds of the recipe's median step / dense AdamW's.\n",
-                overhead.table(["recipe", "median step [ms]", "x dense AdamW(fused)", "per-round range"], rows), ""]
-    return "\n".join(out)
+        yield "\n".join([f"#### Step time, bf16-mixed: {work.label}\n",
+                         f"{rounds} rounds x {steps} timed steps per recipe after {warmup} warm-up steps (compiles "
+                         "land there); ratio = median over rounds of the recipe's median step / dense AdamW's.\n",
+                         overhead.table(["recipe", "median step [ms]", "x dense AdamW(fused)", "per-round range"],
+                                        rows), ""])
 
 
 def section_cifar_epoch(smoke: bool, budget: int) -> str:
@@ -176,8 +176,12 @@ def run_section(name: str, smoke: bool, fragment: Path) -> None:
         import torch
 
         torch.set_num_threads(1)
-    text = globals()[f"section_{name}"](smoke, SECTIONS[name])
-    fragment.write_text(text)
+    result = globals()[f"section_{name}"](smoke, SECTIONS[name])
+    # A generator section writes each part as it is done, so a section stopped at its budget keeps what it had.
+    fragment.write_text("")
+    for part in [result] if isinstance(result, str) else result:
+        with fragment.open("a") as f:
+            f.write(part + "\n")
 
 
 def orchestrate(args: argparse.Namespace) -> Path:
@@ -209,7 +213,7 @@ def orchestrate(args: argparse.Namespace) -> Path:
                 status, log = f"timed out after {budget} s", (expired.stderr or b"").decode(errors="replace")
             took = time.perf_counter() - t0
             summary.append([name, status, f"{took:.0f}"])
-            body = fragment.read_text() if fragment.exists() else ""
+            body = fragment.read_text() if fragment.exists() else ""  # a timed-out section's finished parts too
             if status != "ok":
                 tail = "\n".join(log.strip().splitlines()[-20:])
                 body += f"\n{name}: {status}; the end of its stderr:\n\n```\n{tail}\n```\n"
