@@ -61,7 +61,9 @@ def _device(smoke: bool):
 
 
 def section_gpu_tests(smoke: bool, budget: int) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(HERE.parent / "tests")]
+    # Test modules whose dependencies the machine lacks (fairseq2 pins torch 2.9) fail to collect: run the rest.
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", str(HERE.parent / "tests")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget - 5, cwd=HERE.parent)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     return f"`{' '.join(cmd[1:])}`: exit code {proc.returncode}\n\n```\n{tail}\n```\n"

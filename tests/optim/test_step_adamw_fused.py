@@ -132,3 +132,33 @@ def test_a_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch: p
     assert messages == ["step_lightning: the compiled StepAdamW statistic kernel failed (RuntimeError: no C++ "
                         "compiler); using the eager implementation (same results, slower) for the rest of this "
                         "process."]
+
+
+@pytest.mark.gpu
+def test_fused_matches_foreach_on_cuda_and_resumes_across() -> None:
+    def runs(impl: str) -> tuple[list[torch.Tensor], list[dict]]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(64, 32, device="cuda")), nn.Parameter(torch.randn(32, device="cuda"))]
+        opt = StepAdamW(params, lr=1e-2, weight_decay=0.1, implementation=impl)
+        opt.watch(params[:1])
+        seen = []
+        for k in range(6):
+            if k == 3:
+                opt.freeze_second_moment(params[:1])
+                state = copy.deepcopy(opt.state_dict())
+                opt = StepAdamW(params, lr=1e-2, weight_decay=0.1, implementation=impl)
+                opt.load_state_dict(state)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            seen.append(dict(opt.second_moment_stats or {}))
+        return params, seen
+
+    ours, ours_stats = runs("auto")
+    ref, ref_stats = runs("foreach")
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    for sa, sb in zip(ours_stats, ref_stats, strict=True):
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], **STAT_TOL)
+    assert not fused._STATS.failed and not fused._FROZEN.failed

@@ -105,3 +105,15 @@ def test_auto_is_eager_on_cpu_and_bad_implementation_is_rejected(monkeypatch: py
     with pytest.raises(ValueError, match=r"Unknown `implementation`='fused' for nm_mask; expected one of "
                                          r"\['auto', 'compiled', 'eager'\]"):
         nm_mask(torch.randn(4, 8), 2, 4, implementation="fused")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 8), (1, 16), (4, 8)])
+def test_compiled_is_bit_identical_to_eager_on_cuda(n: int, m: int) -> None:
+    for layout in ("linear", "conv", "conv1d_hf"):
+        shape = reshaped(SHAPES[layout], layout, m)
+        for dtype in (torch.float32, torch.bfloat16):
+            for w in inputs(shape, m, dtype, seed=n * 100 + m):
+                w = w.cuda()
+                assert torch.equal(nm_mask(w, n, m, layout), nm_mask(w, n, m, layout, implementation="eager"))
+    assert not nm_compiled._KERNELS[(n, m)].failed  # "auto" is the compiled kernel on CUDA, and it ran
