@@ -125,7 +125,7 @@ def cpu_table(data: Path, batch: int, workers: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def gpu_table(data: Path, batch: int, rounds: int) -> str:
+def gpu_table(data: Path, batch: int, rounds: int, accelerator: str = "gpu") -> str:
     import lightning.pytorch as pl
 
     from step_lightning import StepAdamW, STEPCallback
@@ -137,11 +137,13 @@ def gpu_table(data: Path, batch: int, rounds: int) -> str:
             self.times: list[float] = []
 
         def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
 
     def epoch_seconds(recipe: str) -> float:
@@ -151,7 +153,7 @@ def gpu_table(data: Path, batch: int, rounds: int) -> str:
         dm = CIFARDataModule(data_dir=str(data), batch_size=batch, gpu_augment=True)
         timer = EpochTimer()
         callbacks: list[pl.Callback] = [timer] + ([STEPCallback(switch=1)] if recipe == "step" else [])
-        trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, logger=False,
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed", max_epochs=2, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              limit_val_batches=0, callbacks=callbacks)
         trainer.fit(model, dm)
@@ -164,8 +166,8 @@ def gpu_table(data: Path, batch: int, rounds: int) -> str:
             times[recipe].append(epoch_seconds(recipe))
         ratios.append(times["step"][-1] / times["dense"][-1])
     return "\n".join([
-        f"#### ResNet-18, CIFAR-10-sized epoch (50,000 images), bf16-mixed, batch {batch}, "
-        f"{torch.cuda.get_device_name()}, {rounds} interleaved rounds", "",
+        f"#### ResNet-18, CIFAR-10-shaped synthetic epoch, bf16-mixed, batch {batch}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, {rounds} interleaved rounds", "",
         "| recipe | s/epoch (median) | / dense (median of rounds) |", "|---|---:|---:|",
         f"| dense (StepAdamW, never frozen) | {statistics.median(times['dense']):.2f} | 1.00x |",
         f"| STEP, mask-learning phase | {statistics.median(times['step']):.2f} | {statistics.median(ratios):.3f}x |",

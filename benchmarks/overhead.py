@@ -33,14 +33,15 @@ What is measured (CPU, ``torch.set_num_threads(2)`` unless ``--threads`` says ot
    few steps (the order alternates between rounds), and the reported overhead is the median over rounds
    of (recipe's median step in the round) / (dense AdamW's median step in the same round).
 
-2. **Micro-benchmarks**, interleaved repeats, medians of per-repeat ratios:
+2. **Micro-benchmarks** (``benchmarks/micro.py``), on the CPU and, when there is one, the GPU; interleaved
+   repeats, medians of per-repeat ratios:
 
-   * ``nm_mask`` of a 4096x4096 fp32 weight (layout ``linear``; 2:4, and 1:8 for reference) against a
-     naive ``topk`` + ``scatter_`` mask and against one ``w.clone()`` (the memory-traffic floor; also a
-     ``copy_`` into a preallocated buffer, which leaves out the allocation and its page faults);
-   * ``StepAdamW.step`` against ``torch.optim.AdamW(foreach=True).step`` on the ResNet-18's parameters
-     with random gradients: before any freeze, with ``watch()`` on every >=2-D weight (the AutoSwitch
-     statistic), and after freezing the second moment of every >=2-D weight.
+   * ``nm_mask`` of a 4096x4096 fp32 weight (layout ``linear``) at 2:4, 1:8 and 1:16, eager and compiled
+     (the fused kernel), against a naive ``topk`` + ``scatter_`` mask and one ``copy_`` into a
+     preallocated buffer (the memory-traffic floor);
+   * the optimizer step on the ResNet-18's parameters with random gradients: ``AdamW`` foreach and fused,
+     ``StepAdamW`` foreach, fused and auto, before any freeze, with ``watch()`` on every >=2-D weight (the
+     AutoSwitch statistic), and after freezing the second moment of every >=2-D weight.
 
 Run (on an idle 2-core CPU a step takes about 3.7 s for ResNet-18, 6.4 s for BERT-4, 19 s for BERT-base and 7 s
 for the Transformer base; the default, ``resnet18,bert4,bert_base`` at 2 rounds x 2 timed steps plus the
@@ -70,7 +71,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -79,8 +80,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback, nm_mask
+from step_lightning import ASPCallback, SRSTECallback, StepAdamW, STEPCallback
 from step_lightning.models import TranslationModule
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import micro
 
 RECIPES: tuple[str, ...] = ("adamw", "step_adamw", "step_precondition", "step_mask_learning", "srste", "asp")
 RECIPE_LABELS: dict[str, str] = {
@@ -213,12 +217,14 @@ class RecipeOptimizer:
     """Mixin for a LightningModule: ``configure_optimizers`` builds the optimizer named by ``optimizer_name``."""
 
     optimizer_name = "adamw"
+    # How torch.optim.AdamW runs (the dense baseline, SR-STE, ASP); gpu_check.py sets {"fused": True}.
+    adamw_kwargs: ClassVar[dict[str, bool]] = {"foreach": True}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.parameters()  # type: ignore[attr-defined]
         if self.optimizer_name == "step_adamw":
             return StepAdamW(params, lr=LR, weight_decay=1e-2)
-        return torch.optim.AdamW(params, lr=LR, weight_decay=1e-2, foreach=True)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=1e-2, **self.adamw_kwargs)
 
 
 class BenchModule(RecipeOptimizer, pl.LightningModule):
@@ -261,6 +267,8 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":  # the step's kernels are queued, not done, when the hook runs
+            torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
 
     def step_times(self, warmup: int) -> list[float]:
@@ -286,8 +294,11 @@ def recipe_setup(recipe: str) -> tuple[str, list[Callback]]:
     raise ValueError(f"unknown recipe {recipe!r}")
 
 
-def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: int, warmup: int) -> list[float]:
-    """Fit a fresh copy of the model for ``warmup + steps`` optimizer steps; return the timed step times."""
+def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: int, warmup: int,
+             accelerator: str = "cpu", precision: str | None = None) -> list[float]:
+    """Fit a fresh copy of the model for ``warmup + steps`` optimizer steps; return the timed step times.
+
+    ``accelerator``/``precision`` go to the ``Trainer`` (``gpu_check.py`` runs ``"gpu"``, ``"bf16-mixed"``)."""
     gc.collect()  # free the previous fit's model and optimizer state (Trainer <-> module reference cycles)
     model = work.build()
     model.load_state_dict(init_state)
@@ -300,7 +311,7 @@ def time_fit(work: Workload, init_state: dict[str, Tensor], recipe: str, steps: 
     timer = StepTimer()
     total = warmup + steps
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=total, max_epochs=1, limit_val_batches=0,
+        accelerator=accelerator, devices=1, precision=precision, max_steps=total, max_epochs=1, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[timer, *recipe_callbacks],
     )
@@ -373,101 +384,6 @@ def bench_training(args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
-def naive_topk_mask(w: Tensor, n: int, m: int) -> Tensor:
-    """The textbook N:M mask along the last axis: topk of |w| per group, scattered into a bool tensor."""
-    idx = w.abs().view(-1, m).topk(n, dim=1).indices
-    return torch.zeros(idx.shape[0], m, dtype=torch.bool).scatter_(1, idx, True).view_as(w)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def bench_nm_mask(args: argparse.Namespace) -> None:
-    size = 1024 if args.quick else 4096
-    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    for n, m in ((2, 4), (1, 8)):
-        assert torch.equal(nm_mask(w, n, m).sum(), naive_topk_mask(w, n, m).sum())
-    buffer = torch.empty_like(w)
-    cases: dict[str, Callable[[], Any]] = {
-        "clone": lambda: w.clone(),
-        "copy_ (preallocated)": lambda: buffer.copy_(w),
-        "nm_mask 2:4": lambda: nm_mask(w, 2, 4),
-        "topk+scatter 2:4": lambda: naive_topk_mask(w, 2, 4),
-        "nm_mask 1:8": lambda: nm_mask(w, 1, 8),
-        "topk+scatter 1:8": lambda: naive_topk_mask(w, 1, 8),
-    }
-    for fn in cases.values():  # warm-up (lookup tables, allocator)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(args.mask_repeats):
-        for k, fn in cases.items():
-            times[k].append(timed(fn))
-
-    def ratio(a: str, b: str) -> float:
-        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
-
-    print(f"### nm_mask, {size}x{size} fp32 weight, layout linear\n")
-    print(f"{args.mask_repeats} interleaved repeats; ratios are medians of per-repeat ratios.\n")
-    rows = [[k, f"{1e3 * median(v):.1f}"] for k, v in times.items()]
-    print(table(["operation", "median [ms]"], rows))
-    print()
-    rows = []
-    for nm in ("2:4", "1:8"):
-        mask, topk = f"nm_mask {nm}", f"topk+scatter {nm}"
-        pairs = ((mask, "clone"), (mask, "copy_ (preallocated)"), (topk, "clone"), (topk, mask))
-        rows.append([nm, *(f"{ratio(a, b):.2f}" for a, b in pairs)])
-    print(table(["N:M", "nm_mask / clone", "nm_mask / copy_", "topk+scatter / clone",
-                 "topk+scatter / nm_mask (speed-up)"], rows))
-    print("\n`clone` allocates its output (page faults when the allocator maps fresh memory); `copy_` writes into a "
-          "preallocated buffer: pure memory traffic.")
-    print()
-    sys.stdout.flush()
-
-
-def bench_optimizer(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    ref = cifar_resnet18()
-    params_a = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
-    params_b = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
-    g = torch.Generator().manual_seed(1)
-    for pa, pb in zip(params_a, params_b, strict=True):
-        grad = torch.randn(pa.shape, generator=g) * 1e-2
-        pa.grad = grad.clone()
-        pb.grad = grad.clone()
-    adamw = torch.optim.AdamW(params_a, lr=LR, weight_decay=1e-2, foreach=True)
-    step = StepAdamW(params_b, lr=LR, weight_decay=1e-2)
-    weights = [p for p in params_b if p.dim() >= 2]
-    numel = sum(p.numel() for p in params_a)
-
-    def run_phase(label: str) -> list[str]:
-        for _ in range(2):  # warm-up
-            adamw.step()
-            step.step()
-        ta: list[float] = []
-        tb: list[float] = []
-        for _ in range(args.opt_repeats):
-            ta.append(timed(adamw.step))
-            tb.append(timed(step.step))
-        ratios = [b / a for a, b in zip(ta, tb, strict=True)]
-        return [label, f"{1e3 * median(ta):.1f}", f"{1e3 * median(tb):.1f}", f"{median(ratios):.3f}", spread(ratios)]
-
-    rows = [run_phase("before freezing, no watch")]
-    step.watch(weights)
-    rows.append(run_phase("before freezing, watch(all >=2-D weights)"))
-    step.watch([])
-    step.freeze_second_moment(weights)
-    rows.append(run_phase("after freezing all >=2-D weights"))
-    print(f"### Optimizer step, ResNet-18 parameters ({len(params_a)} tensors, {numel / 1e6:.1f} M), random grads\n")
-    print(f"{args.opt_repeats} interleaved repeats; ratio = median of per-repeat StepAdamW / AdamW.\n")
-    print(table(["StepAdamW state", "AdamW(foreach) [ms]", "StepAdamW [ms]", "StepAdamW / AdamW", "range"], rows))
-    print()
-    sys.stdout.flush()
-
-
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -533,8 +449,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_training:
         bench_training(args)
     if not args.skip_micro:
-        bench_nm_mask(args)
-        bench_optimizer(args)
+        size = 1024 if args.quick else 4096
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        for device in devices:
+            print(micro.bench_nm_mask(size, args.mask_repeats, device))
+            print(micro.bench_optimizer(args.opt_repeats, device))
+            sys.stdout.flush()
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"Total wall time {time.perf_counter() - t0:.0f} s; load average at the end {load}.")
 

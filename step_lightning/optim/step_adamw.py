@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from step_lightning.checks import NonNegativeFloat, PositiveFloat, UnitIntervalOpenRight, check_arguments
+from step_lightning.optim import fused
+
+Implementation = Literal["auto", "fused", "foreach"]
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 FROZEN_V = "frozen_exp_avg_sq"
 """State key of the raw second moment ``v*`` of a frozen parameter (the key ``exp_avg_sq`` had before the freeze)."""
@@ -23,8 +27,9 @@ _LOG_TINY = math.log(_TINY)
 class StepAdamW(Optimizer):
     r"""AdamW that can freeze the second moment of chosen parameters: the optimizer of STEP.
 
-    Until :meth:`freeze_second_moment` is called it is ``torch.optim.AdamW`` (same update, same
-    ``foreach`` arithmetic, same state names; ``weight_decay=0`` gives Adam). For a frozen parameter
+    Until :meth:`freeze_second_moment` is called it is ``torch.optim.AdamW`` (same update, same state
+    names; ``weight_decay=0`` gives Adam): bitwise ``AdamW(fused=True)`` where the fused kernel applies,
+    bitwise ``AdamW(foreach=True)`` with ``implementation="foreach"`` (see ``implementation``). For a frozen parameter
     the second moment stops updating and acts as a fixed preconditioner (the STEP paper's phase 2)::
 
         m = beta1 * m + (1 - beta1) * g          # continues, never reset
@@ -65,6 +70,16 @@ class StepAdamW(Optimizer):
             reference (1e-6 for eps = 1e-8). Ignored with ``frozen_bias_correction``.
         frozen_bias_correction: use ``sqrt(v* / (1 - beta2 ** T0)) + eps`` instead of the reference
             ``sqrt(v*) + frozen_eps``; the two agree for a freeze after several thousand steps.
+        implementation: ``"foreach"``, the reference: ``torch._foreach_*`` ops, one pass over the weights per
+            op (bitwise ``AdamW(foreach=True)`` before the freeze). ``"fused"``: PyTorch's fused AdamW kernel
+            before the freeze (bitwise ``AdamW(fused=True)``, which differs from foreach in the last bits),
+            and ``torch.compile``d kernels for the watched statistic and the frozen update (same values to
+            rounding; :mod:`step_lightning.optim.fused`); every parameter must be floating point on a
+            device with fused kernels (CPU, CUDA...). ``"auto"`` (default): the fused AdamW kernel where
+            the device and dtype allow, foreach elsewhere, and the compiled kernels on CUDA only (on CPU a
+            compile takes 20-60 s, which short runs do not repay: benchmarks/RESULTS.md). A compile that
+            fails falls back to foreach with one warning. The state dict is the same for all three, so a
+            checkpoint resumes under any of them.
 
     Example (YAML, with the STEP recipe callback)::
 
@@ -82,6 +97,7 @@ class StepAdamW(Optimizer):
         weight_decay: NonNegativeFloat = 1e-2,
         frozen_eps: PositiveFloat | None = None,
         frozen_bias_correction: bool = False,
+        implementation: Implementation = "auto",
     ) -> None:
         check_arguments(StepAdamW, locals())
         # Plain floats in a tuple (YAML gives lists, the parser its constraint types): the param groups go into
@@ -90,6 +106,14 @@ class StepAdamW(Optimizer):
                         weight_decay=float(weight_decay), frozen_eps=None if frozen_eps is None else float(frozen_eps),
                         frozen_bias_correction=frozen_bias_correction)
         super().__init__(params, defaults)
+        self.implementation: Implementation = implementation
+        if implementation == "fused":
+            unfit = [p for g in self.param_groups for p in g["params"] if not fused.fused_supported(p)]
+            if unfit:
+                raise ValueError(
+                    f"StepAdamW: `implementation`='fused' needs floating-point parameters on a device with fused "
+                    f"kernels; got one of dtype {unfit[0].dtype} on {unfit[0].device}. Use implementation='auto' "
+                    "(fused where possible, foreach elsewhere) or 'foreach'.")
         self._watched: set[int] = set()
         self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
@@ -98,6 +122,7 @@ class StepAdamW(Optimizer):
         # Optimizer.__getstate__ keeps only defaults/state/param_groups (deepcopy, pickling): watching is
         # configuration, set again by whoever watches.
         super().__setstate__(state)
+        self.__dict__.setdefault("implementation", "auto")
         self._watched, self._scratch, self.second_moment_stats = set(), {}, None
 
     # ----------------------------------------------------------------------------------------------
@@ -233,9 +258,12 @@ class StepAdamW(Optimizer):
                 b["second"].append(state[FROZEN_V] if frozen else state["exp_avg_sq"])
                 b["steps"].append(state["step"])
                 b["watched"].append(id(p) in self._watched)
-            for (_, _, frozen), b in buckets.items():
+            for (device, _, frozen), b in buckets.items():
+                compiled = self._compiled(device)
                 if frozen:
-                    self._frozen_update(group, b)
+                    self._frozen_update(group, b, compiled)
+                elif self.implementation != "foreach" and all(fused.fused_supported(p) for p in b["params"]):
+                    self._fused_adamw_update(group, b, sums, compiled)
                 else:
                     self._adamw_update(group, b, sums)
 
@@ -250,6 +278,12 @@ class StepAdamW(Optimizer):
             self.second_moment_stats = None
         return loss
 
+    def _compiled(self, device: torch.device) -> bool:
+        """Whether the compiled statistic and frozen kernels serve the parameters on ``device`` (else foreach)."""
+        if self.implementation == "foreach" or not fused.compiled_available(device):
+            return False
+        return self.implementation == "fused" or device.type == "cuda"
+
     @staticmethod
     def _count_steps(steps: list[Tensor]) -> None:
         torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
@@ -257,41 +291,21 @@ class StepAdamW(Optimizer):
     def _adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]]) -> None:
         # Mirrors torch.optim.adam._multi_tensor_adam (decoupled decay, not capturable) op for op, so
         # that before any freeze the result is bitwise that of torch.optim.AdamW(foreach=True).
-        params, grads, exp_avgs, exp_avg_sqs, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
+        params, grads, exp_avgs, exp_avg_sqs = b["params"], b["grads"], b["exp_avgs"], b["second"]
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        steps = self._steps_on(params, b["steps"], device_side=False)
         self._count_steps(steps)
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         watched = [i for i, w in enumerate(b["watched"]) if w]
         if watched:
-            # |v_t - v_{t-1}| = (1 - beta2) |g^2 - v_{t-1}|, from the old v, before it is overwritten.
-            w_grads = [grads[i] for i in watched]
-            # A scratch buffer kept while watching (phase 1 only, where the masked-forward buffers of
-            # phase 2 do not exist yet): a fresh allocation per step costs page faults on CPU.
-            dv = self._scratch_for([params[i] for i in watched])
-            torch._foreach_copy_(dv, [exp_avg_sqs[i] for i in watched])
-            torch._foreach_addcmul_(dv, w_grads, w_grads, -1.0)  # v - g^2
-            sums["abs_dv"].append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
-            sums["numel"].append(sum(g.numel() for g in w_grads))
+            self._watched_stats(group, b, sums, watched, after=False)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         if watched:
-            w_v = [exp_avg_sqs[i] for i in watched]
-            sums["v"].append(torch.stack(torch._foreach_norm(w_v, 1)).sum())
-            # sum of log v_hat over v > 0 with foreach ops only: l = log(max(v, TINY) / TINY) is >= 0 (so its
-            # 1-norm is its sum) and exactly 0 where v is 0 (so its 0-norm counts the v > 0);
-            # log v_hat = l + log(TINY) - log(1 - beta2 ** k) on those. The scratch buffer is free again.
-            torch._foreach_copy_(dv, w_v)
-            torch._foreach_clamp_min_(dv, _TINY)
-            torch._foreach_log_(dv)
-            torch._foreach_add_(dv, -_LOG_TINY)
-            nonzero = torch._foreach_norm(dv, 0, dtype=torch.float32)
-            shift = [_LOG_TINY - math.log(1 - beta2 ** steps[i].item()) for i in watched]
-            sums["log_v_hat"].append(torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)).sum()
-                                     + torch.stack(torch._foreach_mul(nonzero, shift)).sum())
-            sums["nonzero"].append(torch.stack(nonzero).sum())
+            self._watched_stats(group, b, sums, watched, after=True)
         bias_correction1 = [1 - beta1 ** s.item() for s in steps]
         bias_correction2 = [1 - beta2 ** s.item() for s in steps]
         step_size = [(lr / bc) * -1 for bc in bias_correction1]
@@ -301,11 +315,95 @@ class StepAdamW(Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
 
-    def _frozen_update(self, group: dict[str, Any], b: dict[str, list[Any]]) -> None:
-        params, grads, exp_avgs, frozen_vs, steps = b["params"], b["grads"], b["exp_avgs"], b["second"], b["steps"]
+    def _watched_stats(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]],
+                       watched: list[int], after: bool) -> None:
+        """The foreach statistic of the watched tensors: ``after=False`` before ``v`` is updated (``|dv|``),
+        ``after=True`` after it (``sum v``, ``log v_hat``)."""
+        _, beta2 = group["betas"]
+        # A scratch buffer kept while watching (phase 1 only, where the masked-forward buffers of
+        # phase 2 do not exist yet): a fresh allocation per step costs page faults on CPU.
+        dv = self._scratch_for([b["params"][i] for i in watched])
+        if not after:
+            # |v_t - v_{t-1}| = (1 - beta2) |g^2 - v_{t-1}|, from the old v, before it is overwritten.
+            w_grads = [b["grads"][i] for i in watched]
+            torch._foreach_copy_(dv, [b["second"][i] for i in watched])
+            torch._foreach_addcmul_(dv, w_grads, w_grads, -1.0)  # v - g^2
+            sums["abs_dv"].append(torch.stack(torch._foreach_norm(dv, 1)).sum() * (1 - beta2))
+            sums["numel"].append(sum(g.numel() for g in w_grads))
+            return
+        w_v = [b["second"][i] for i in watched]
+        sums["v"].append(torch.stack(torch._foreach_norm(w_v, 1)).sum())
+        # sum of log v_hat over v > 0 with foreach ops only: l = log(max(v, TINY) / TINY) is >= 0 (so its
+        # 1-norm is its sum) and exactly 0 where v is 0 (so its 0-norm counts the v > 0);
+        # log v_hat = l + log(TINY) - log(1 - beta2 ** k) on those. The scratch buffer is free again.
+        torch._foreach_copy_(dv, w_v)
+        torch._foreach_clamp_min_(dv, _TINY)
+        torch._foreach_log_(dv)
+        torch._foreach_add_(dv, -_LOG_TINY)
+        nonzero = torch._foreach_norm(dv, 0, dtype=torch.float32)
+        shift = [_LOG_TINY - math.log(1 - beta2 ** b["steps"][i].item()) for i in watched]
+        sums["log_v_hat"].append(torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)).sum()
+                                 + torch.stack(torch._foreach_mul(nonzero, shift)).sum())
+        sums["nonzero"].append(torch.stack(nonzero).sum())
+
+    def _fused_adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]],
+                            compiled: bool) -> None:
+        # As torch.optim.adam._fused_adam (not capturable, no grad scaler): bitwise AdamW(fused=True).
+        params, grads, exp_avgs, exp_avg_sqs = b["params"], b["grads"], b["exp_avgs"], b["second"]
+        beta1, beta2 = group["betas"]
+        steps = self._steps_on(params, b["steps"], device_side=params[0].device.type != "cpu")
+        self._count_steps(steps)
+        watched = [i for i, w in enumerate(b["watched"]) if w]
+        totals = None
+        if watched and compiled:  # the statistic from the old v and g, in one read of each
+            totals = fused.watched_sums([exp_avg_sqs[i] for i in watched], [grads[i] for i in watched],
+                                        [steps[i] for i in watched], beta2)
+        if watched and totals is None:
+            self._watched_stats(group, b, sums, watched, after=False)
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                            maximize=False)
+        if watched and totals is None:
+            self._watched_stats(group, b, sums, watched, after=True)
+        elif totals is not None:
+            sums["abs_dv"].append(totals[0] * (1 - beta2))
+            sums["numel"].append(sum(grads[i].numel() for i in watched))
+            sums["v"].append(totals[1])
+            sums["log_v_hat"].append(totals[2])
+            sums["nonzero"].append(totals[3])
+
+    def _steps_on(self, params: list[Tensor], steps: list[Tensor], device_side: bool) -> list[Tensor]:
+        """The step counters, moved (once, in the state) to the parameters' device for the fused kernels on an
+        accelerator, back to the CPU for the foreach path (which reads them on the host)."""
+        out = []
+        for p, s in zip(params, steps, strict=True):
+            want = p.device if device_side else torch.device("cpu")
+            if s.device != want:
+                s = self.state[p]["step"] = s.to(want)
+            out.append(s)
+        return out
+
+    def _frozen_update(self, group: dict[str, Any], b: dict[str, list[Any]], compiled: bool = False) -> None:
+        params, grads, exp_avgs, frozen_vs = b["params"], b["grads"], b["exp_avgs"], b["second"]
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
+        steps = self._steps_on(params, b["steps"], device_side=compiled and params[0].device.type != "cpu")
         self._count_steps(steps)
+        if compiled:
+            tensors = (params, grads, exp_avgs, frozen_vs)
+            fit = [i for i in range(len(params)) if all(t[i].is_contiguous() for t in tensors)]
+            if group["frozen_bias_correction"]:
+                scales = [(1 - beta2 ** self.state[params[i]]["frozen_step"]) ** -0.5 for i in fit]
+                eps = group["eps"]
+            else:
+                scales, eps = [1.0] * len(fit), _frozen_eps(group)
+            done = fused.frozen_step(group, *([t[i] for i in fit] for t in tensors), [steps[i] for i in fit],
+                                     scales, eps)
+            rest = set(range(len(params))) - set(fit[:done])
+            if not rest:
+                return
+            params, grads, exp_avgs, frozen_vs, steps = ([t[i] for i in sorted(rest)] for t in
+                                                         (params, grads, exp_avgs, frozen_vs, steps))
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

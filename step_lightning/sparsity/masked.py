@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from step_lightning.sparsity.nm import nm_mask
+from step_lightning.sparsity.nm import MaskImplementation, check_mask_implementation, nm_mask
 from step_lightning.sparsity.targets import SparseTarget
 
 
@@ -26,14 +26,18 @@ class MaskedWeights:
 
     Args:
         targets: the weights to mask, all with the same ``n``/``m``.
+        implementation: how :func:`nm_mask` computes the masks (``"auto"``: the fused compiled kernel on
+            CUDA, the eager reference on CPU; ``"compiled"``; ``"eager"``); the masks are the same.
 
     The masks are plain attributes, not module buffers: DDP would otherwise broadcast them every
     forward. Every rank computes the same masks from the same weights (ties break to lower index).
     """
 
-    def __init__(self, targets: Sequence[SparseTarget]) -> None:
+    def __init__(self, targets: Sequence[SparseTarget], implementation: MaskImplementation = "auto") -> None:
         if not targets:
             raise ValueError("MaskedWeights needs at least one target.")
+        check_mask_implementation(implementation)
+        self.implementation: MaskImplementation = implementation
         self.targets = list(targets)
         self.params = [t.param for t in self.targets]
         self.masks: list[Tensor] | None = None
@@ -55,7 +59,7 @@ class MaskedWeights:
         """Magnitude N:M masks of the current parameter values (call while they are dense)."""
         if self.applied:
             raise RuntimeError("compute_masks() called while masked weights are applied; restore_() first.")
-        return [nm_mask(t.param, t.n, t.m, t.layout) for t in self.targets]
+        return [nm_mask(t.param, t.n, t.m, t.layout, implementation=self.implementation) for t in self.targets]
 
     @torch.no_grad()
     def update_masks(self, track_flips: bool = False) -> Tensor | None:
@@ -203,5 +207,6 @@ class MaskedWeights:
         dense = self.dense_values()
         masks = self.masks
         if fresh or masks is None:
-            masks = [nm_mask(dense[t.name], t.n, t.m, t.layout) for t in self.targets]
+            masks = [nm_mask(dense[t.name], t.n, t.m, t.layout, implementation=self.implementation)
+                     for t in self.targets]
         return {t.name: dense[t.name] * mask for t, mask in zip(self.targets, masks, strict=True)}

@@ -28,6 +28,8 @@ from torch import Tensor
 
 Layout = Literal["linear", "conv", "conv1d_hf"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+MaskImplementation = Literal["auto", "compiled", "eager"]
+MASK_IMPLEMENTATIONS: tuple[str, ...] = get_args(MaskImplementation)
 
 # Up to this group size the ranking goes through a lookup table indexed by the packed outcomes of
 # the m*(m-1)/2 pairwise comparisons (2**15 rows for m = 6); above it, ranks are accumulated.
@@ -124,8 +126,30 @@ def _keep_table(n: int, m: int, device: torch.device) -> Tensor:
     return table
 
 
+def check_mask_implementation(implementation: str) -> None:
+    """Raise ``ValueError`` unless ``implementation`` is one of :data:`MASK_IMPLEMENTATIONS`."""
+    if implementation not in MASK_IMPLEMENTATIONS:
+        raise ValueError(f"Unknown `implementation`={implementation!r} for nm_mask; expected one of "
+                         f"{list(MASK_IMPLEMENTATIONS)}.")
+
+
+def use_compiled_mask(implementation: MaskImplementation, device: torch.device) -> bool:
+    """Whether :func:`nm_mask` with ``implementation`` tries the fused kernel for a weight on ``device``.
+
+    ``"auto"`` means the fused kernel on CUDA and eager on CPU. Measured on a CPU (benchmarks/RESULTS.md,
+    2026-12-04): Inductor's C++ kernel is scalar there (the group members are strided loads), 1.2x faster
+    than eager at 2:4, 1.6x at 1:8, 4.9x at 1:16, while one compile costs 30-60 s, which a run repays only
+    after thousands of mask updates; ask for ``"compiled"`` explicitly in a long CPU run at 1:8 or 1:16. On
+    a GPU the eager path is 10-130 kernel launches and passes per weight, and a compile takes seconds.
+    """
+    if implementation == "eager":
+        return False
+    return implementation == "compiled" or device.type == "cuda"
+
+
 @torch.no_grad()
-def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor:
+def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear", *,
+            implementation: MaskImplementation = "auto") -> Tensor:
     """Boolean mask keeping the ``n`` largest ``|w|`` in every group of ``m`` along the reduction axis.
 
     Args:
@@ -133,6 +157,11 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor
         n: how many weights each group keeps.
         m: the group size; the weight's reduction size (see the module docstring) must divide by it.
         layout: how the weight is stored: ``"linear"``, ``"conv"`` or ``"conv1d_hf"``.
+        implementation: ``"eager"`` (the reference: one pass over the weight per pairwise comparison),
+            ``"compiled"`` (the same rules as one ``torch.compile``d kernel, bit-identical, ties and NaN
+            included: :mod:`step_lightning.sparsity.nm_compiled`; its first use per N:M, dtype and device
+            compiles, announced on the ``step_lightning`` logger, and any compile failure falls back to
+            eager with one warning) or ``"auto"`` (compiled on CUDA, eager on CPU: :func:`use_compiled_mask`).
 
     Returns:
         A ``torch.bool`` tensor of ``weight``'s shape and device with exactly ``n`` ``True`` per group.
@@ -141,8 +170,8 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor
         NaN group may keep more or fewer.
 
     Raises:
-        ValueError: for ``n``/``m`` outside ``0 < n < m``, an unknown ``layout``, a weight of the wrong
-            rank for the layout, or a reduction size not divisible by ``m``.
+        ValueError: for ``n``/``m`` outside ``0 < n < m``, an unknown ``layout`` or ``implementation``, a
+            weight of the wrong rank for the layout, or a reduction size not divisible by ``m``.
 
     Example::
 
@@ -150,14 +179,22 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear") -> Tensor
         >>> nm_mask(w, 2, 4)
         tensor([[False,  True,  True, False]])
     """
+    check_mask_implementation(implementation)
     if (layout == "conv" and weight.dim() == 4 and not weight.is_contiguous()
             and weight.is_contiguous(memory_format=torch.channels_last)):
         # channels_last stores (out, kh, kw, in): the groups of m input channels are contiguous runs, so
         # rank them as a Linear weight without a copy; the mask comes back channels_last too.
         physical = weight.permute(0, 2, 3, 1)
-        keep_physical = nm_mask(physical.reshape(-1, physical.shape[-1]), n, m, "linear")
+        keep_physical = nm_mask(physical.reshape(-1, physical.shape[-1]), n, m, "linear",
+                                implementation=implementation)
         return keep_physical.view(physical.shape).permute(0, 3, 1, 2)
     g = _grouped(weight, n, m, layout)
+    if use_compiled_mask(implementation, weight.device):
+        from step_lightning.sparsity.nm_compiled import compiled_keep  # imports torch._dynamo lazily
+
+        fused = compiled_keep(g, n, m)
+        if fused is not None:
+            return fused.view(weight.shape)
     a_groups, _, b = g.shape
     keep = torch.empty(g.shape, dtype=torch.bool, device=weight.device)
     # On CPU the ranking's ~10 passes over the weight are memory-bound: in slices that stay in cache

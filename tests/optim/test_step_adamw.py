@@ -26,17 +26,20 @@ def run(model: nn.Module, opt: torch.optim.Optimizer, grads: list[list[torch.Ten
         opt.step()
 
 
+@pytest.mark.parametrize("implementation", ["foreach", "auto"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_bitwise_equal_to_torch_adamw_before_freezing(weight_decay: float) -> None:
+def test_bitwise_equal_to_torch_adamw_before_freezing(weight_decay: float, implementation: str) -> None:
     model, grads = model_and_grads()
     twin = copy.deepcopy(model)
     groups = lambda m: [  # noqa: E731
         {"params": list(m[0].parameters()), "lr": 3e-3},
         {"params": list(m[1].parameters()) + list(m[2].parameters()), "weight_decay": 0.0},
     ]
-    ours = StepAdamW(groups(model), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay)
+    ours = StepAdamW(groups(model), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay,
+                     implementation=implementation)
+    # "auto" runs PyTorch's fused AdamW kernel on CPU: bitwise AdamW(fused=True), not foreach (last bits differ).
     ref = torch.optim.AdamW(groups(twin), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay,
-                            foreach=True)
+                            foreach=implementation == "foreach", fused=implementation != "foreach")
     ours.watch(list(model[0].parameters()))  # measuring the statistic must not change the update
     run(model, ours, grads)
     run(twin, ref, grads)
