@@ -72,8 +72,10 @@ def _restricted(name: str, base: type, restrictions: list[tuple[str, float]], de
         # The parser checks with `kind` but hands on a plain number: an instance of `kind` in a module's
         # hyperparameters would make its checkpoint unloadable by torch.load(weights_only=True) (Lightning's
         # default for local files) and write `!!python/object` tags into hparams.yaml.
-        register_type(kind, serializer=base, deserializer=lambda value, kind=kind, base=base: base(kind(value)),
-                      type_check=lambda value, kind: False)
+        # The serializer checks too: in a Union (``PositiveInt | OpenUnitInterval``) a plain ``int`` serializer
+        # would dump 0.5 as 0 (``--print_config``, the run's config.yaml); raising lets the next type take it.
+        check = (lambda value, kind=kind, base=base: base(kind(value)))
+        register_type(kind, serializer=check, deserializer=check, type_check=lambda value, kind: False)
     _DESCRIPTIONS[kind] = description
     return kind
 

@@ -264,3 +264,14 @@ def test_quickstart_under_two_process_ddp(in_tmp: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step_lightning fit finished.") == 1
     assert (in_tmp / "logs" / "quickstart" / "step_2of4" / "version_0" / "export" / "model.pt").is_file()
+
+
+def test_print_config_keeps_a_fractional_switch(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `switch: PositiveInt | OpenUnitInterval`: the int type's serializer once dumped 0.5 as 0, so --print_config
+    # and the run's config.yaml said `switch: 0`, a config that no longer parses.
+    for value, expected in (("0.5", 0.5), ("0.05", 0.05), ("300", 300)):
+        with pytest.raises(SystemExit):
+            main(["fit", "--recipe.init_args.switch", value, "--recipe.init_args.autoswitch_t_max", "0.25",
+                  "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)["recipe"]["init_args"]
+        assert (printed["switch"], printed["autoswitch_t_max"]) == (expected, 0.25)
