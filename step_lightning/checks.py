@@ -74,7 +74,9 @@ def _restricted(name: str, base: type, restrictions: list[tuple[str, float]], de
         # default for local files) and write `!!python/object` tags into hparams.yaml.
         # The serializer checks too: in a Union (``PositiveInt | OpenUnitInterval``) a plain ``int`` serializer
         # would dump 0.5 as 0 (``--print_config``, the run's config.yaml); raising lets the next type take it.
-        check = (lambda value, kind=kind, base=base: base(kind(value)))
+        def check(value: Any, kind: type = kind, base: type = base) -> Any:
+            return base(kind(value))
+
         register_type(kind, serializer=check, deserializer=check, type_check=lambda value, kind: False)
     _DESCRIPTIONS[kind] = description
     return kind

@@ -211,7 +211,9 @@ class StepLightningCLI(LightningCLI):
             if log_dir:
                 export_dir = Path(log_dir) / "export"
                 result = export_model(model, recipe, export_dir, source="end of fit")
-                lines.append(f"  exported N:M model: {result.files[0]} (manifest {result.files[1].name})")
+                safetensors = next(f for f in result.files if f.suffix == ".safetensors")
+                lines.append(f"  exported N:M model: {safetensors} (also {result.files[0].name}, "
+                             f"{result.files[1].name}; check it: python -m step_lightning verify {export_dir})")
         last = [getattr(cb, "last_model_path", "") for cb in trainer.callbacks]  # type: ignore[attr-defined]
         if any(last):
             lines.append(f"  last checkpoint: {next(p for p in last if p)}")

@@ -30,7 +30,9 @@ def test_quickstart_fit_summary_export_and_validate(in_tmp: Path, capsys: pytest
     assert f"final val/acc: {fit_acc:.4f}" in out
     assert "switch step: " in out and "tensorboard --logdir logs/quickstart/step_2of4" in out
     run_dir = in_tmp / "logs" / "quickstart" / "step_2of4" / "version_0"
-    assert f"exported N:M model: {Path('logs/quickstart/step_2of4/version_0/export/model.pt')}" in out
+    export = Path("logs/quickstart/step_2of4/version_0/export")
+    assert f"exported N:M model: {export / 'model.safetensors'}" in out
+    assert f"python -m step_lightning verify {export}" in out
     for name in ("config.yaml", "autoswitch.png", "sparsity_layers.md"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("events.out.tfevents.*"))
