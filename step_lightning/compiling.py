@@ -59,6 +59,11 @@ def compile_available(device: torch.device) -> bool:
     return False
 
 
+def dtype_and_device(tensor: torch.Tensor) -> str:
+    """What a kernel's compile depends on beyond the shapes, for its ``key``: e.g. ``"float32 on cuda"``."""
+    return f"{str(tensor.dtype).removeprefix('torch.')} on {tensor.device.type}"
+
+
 def mark_dynamic(tensor: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """Mark ``dims`` of ``tensor`` dynamic for Dynamo, except those of size 0 or 1 (which it specialises)."""
     for dim in dims:

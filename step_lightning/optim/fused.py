@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from step_lightning.compiling import CompiledKernel, compile_available, mark_dynamic
+from step_lightning.compiling import CompiledKernel, compile_available, dtype_and_device, mark_dynamic
 
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_TINY = math.log(_TINY)
@@ -83,10 +83,6 @@ def compiled_available(device: torch.device) -> bool:
     return compile_available(device) and not (_STATS.failed or _FROZEN.failed)
 
 
-def _key(t: Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')} on {t.device.type}"
-
-
 def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], beta2: float) -> Tensor | None:
     """The four sums of :func:`_stats` over watched tensors (before their update), or ``None`` on a failure."""
     parts = []
@@ -95,7 +91,8 @@ def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], bet
     torch._foreach_mul_(shifts, -1.0)
     torch._foreach_add_(shifts, _LOG_TINY)
     for v, g, shift in zip(vs, grads, shifts, strict=True):
-        out = _STATS(_key(v), mark_dynamic(v.view(-1), (0,)), mark_dynamic(g.reshape(-1), (0,)), shift, beta2)
+        out = _STATS(dtype_and_device(v), mark_dynamic(v.view(-1), (0,)), mark_dynamic(g.reshape(-1), (0,)), shift,
+                     beta2)
         if out is None:
             return None
         parts.append(out)
@@ -117,8 +114,8 @@ def frozen_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
         flat = [mark_dynamic(t.view(-1), (0,)) for t in (p, m, v)]
         if _FROZEN.failed:
             return i
-        _FROZEN(_key(p), flat[0], mark_dynamic(g.reshape(-1), (0,)), flat[1], flat[2], step_size, float(beta1),
-                1 - lr * wd, scale, eps)
+        _FROZEN(dtype_and_device(p), flat[0], mark_dynamic(g.reshape(-1), (0,)), flat[1], flat[2], step_size,
+                float(beta1), 1 - lr * wd, scale, eps)
         if _FROZEN.failed:
             return i
     return len(params)

@@ -25,7 +25,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from step_lightning.compiling import CompiledKernel, compile_available, mark_dynamic
+from step_lightning.compiling import CompiledKernel, compile_available, dtype_and_device, mark_dynamic
 
 _KERNELS: dict[tuple[int, int], CompiledKernel] = {}
 
@@ -95,6 +95,6 @@ def compiled_keep(g: Tensor, n: int, m: int) -> Tensor | None:
     if kernel is None:
         kernel = _KERNELS[(n, m)] = CompiledKernel(f"nm_mask {n}:{m}", _make_kernel(n, m))
     # Dynamo specialises a size-1 group width (Linear: B = 1) and compiles anew per dtype and device.
-    key = f"{str(g.dtype).removeprefix('torch.')} on {g.device.type}, {'B = 1' if g.shape[2] == 1 else 'B > 1'}"
+    key = f"{dtype_and_device(g)}, {'B = 1' if g.shape[2] == 1 else 'B > 1'}"
     # The group count and width vary between weights; m stays static, so the member loads have static strides.
     return kernel(key, mark_dynamic(g, (0, 2)))
