@@ -14,7 +14,8 @@ multiplied by each ``--scales`` value (the model's gradients scale with it; Adam
     python studies/autoswitch_scales.py switch
     python studies/autoswitch_scales.py switch --set --recipe.init_args.autoswitch_statistic reference \
         --recipe.init_args.autoswitch_threshold 1e-8
-    python studies/autoswitch_scales.py switch --configs configs/studies/mnist_mlp.yaml studies/recipes/step_2of4_w50.yaml
+    python studies/autoswitch_scales.py switch --configs configs/studies/mnist_mlp.yaml \
+        studies/recipes/step_2of4_w50.yaml
 
 Results: studies/AUTOSWITCH.md.
 """
