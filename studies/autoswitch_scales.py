@@ -40,7 +40,8 @@ from step_lightning.cli import main  # noqa: E402
 from step_lightning.models import CausalLM, ImageClassifier, SequenceClassifier  # noqa: E402
 from step_lightning.optim import SAMPLE_KEYS  # noqa: E402
 
-CANDIDATES = {"log_drift": [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1], "reference": [1e-8], "relative": [1e-2, 5e-3, 2e-3]}
+CANDIDATES = {"layer_rise": [0.7, 0.5, 0.4, 0.3], "log_drift": [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1],
+              "reference": [1e-8], "relative": [1e-2, 5e-3, 2e-3]}
 
 
 def patch_loss_scale(scale: float) -> None:
@@ -65,10 +66,22 @@ def patch_recorder(records: list[dict[str, float]]) -> None:
     def recording(self: Any, trainer: Any) -> None:
         stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
         if stats is not None and self.phase == "precondition":
-            records.append({k: float(v) for k, v in stats.items()})
+            records.append({k: v.tolist() for k, v in stats.items()})  # layer_rise's sample is a vector
         original(self, trainer)
 
     STEPCallback._after_optimizer_step = recording  # type: ignore[method-assign]
+
+
+def stop_at_the_switch() -> None:
+    """End each fit right after STEP's switch (``switch --stop-after-switch``: only the switch step is wanted)."""
+    original = STEPCallback.__dict__.get("_study_switch", STEPCallback._do_switch)
+    STEPCallback._study_switch = original  # type: ignore[attr-defined]
+
+    def switch_and_stop(self: Any, trainer: Any) -> None:
+        original(self, trainer)
+        trainer.should_stop = True
+
+    STEPCallback._do_switch = switch_and_stop  # type: ignore[method-assign]
 
 
 def fit(scale: float, extra: list[str], out: Path, configs: list[Path] | None = None) -> Any:
@@ -83,11 +96,15 @@ def fit(scale: float, extra: list[str], out: Path, configs: list[Path] | None = 
         os.chdir(ROOT)
 
 
-def window_values(samples: list[float], statistic: str, window: int) -> list[float]:
+def window_values(samples: list[Any], statistic: str, window: int) -> list[float]:
     """The AutoSwitch window value after each step t = 1.. (NaN where it does not exist yet)."""
     out = []
     for t in range(1, len(samples) + 1):
-        if statistic == "log_drift":  # the spread of the last window + 1 levels, per window
+        if statistic == "layer_rise":  # per layer its largest rise s_j - s_i (i <= j) in the last window + 1 levels
+            levels = samples[max(0, t - 1 - window):t]
+            rises = [max(x - min(col[: j + 1]) for j, x in enumerate(col)) for col in zip(*levels, strict=True)]
+            out.append(math.nan if len(levels) < 2 else max(rises) * window / (len(levels) - 1))
+        elif statistic == "log_drift":  # the spread of the last window + 1 levels, per window
             levels = samples[max(0, t - 1 - window):t]
             out.append(math.nan if len(levels) < 2 else (max(levels) - min(levels)) * window / (len(levels) - 1))
         else:
@@ -130,9 +147,13 @@ def main_cli() -> None:
     parser.add_argument("--from-json", type=Path, help="curves: recompute the tables from a --json of an earlier run")
     parser.add_argument("--configs", type=Path, nargs="+", default=None,
                         help="configs to stack (default: configs/quickstart.yaml), e.g. a study task and recipe")
+    parser.add_argument("--stop-after-switch", action="store_true",
+                        help="switch: end each run at its switch (the switch step only; no final metric)")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="CLI overrides for the fit")
     args = parser.parse_args()
     results: dict[str, Any] = {}
+    if args.stop_after_switch:
+        stop_at_the_switch()
     if args.from_json is not None:
         for scale, run in json.loads(args.from_json.read_text()).items():
             print(f"\n=== loss x {float(scale):g}: window {run.get('window', 50)}, t_min {run['t_min']}")

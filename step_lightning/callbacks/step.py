@@ -70,17 +70,22 @@ class STEPCallback(NMSparsityCallback):
         include: regexes on parameter names; when given, exactly the matching weights are masked.
         exclude: regexes on parameter names that are never masked.
         sr_ste_decay: ``lambda_w`` of the SR-STE term in phase 2 (0: plain STE, the reference).
-        autoswitch_threshold: switch when the statistic's window value is below this. Default 0.25 for
-            ``"log_drift"`` (measured on the quickstart: studies/AUTOSWITCH.md); reference: Adam's eps (1e-8)
-            for ``"reference"``; e.g. 5e-3 for ``"relative"``.
-        autoswitch_statistic: ``"log_drift"`` (default: the spread over the window of the log geometric
-            mean of the bias-corrected ``v_hat``; its switch step does not depend on the loss scale),
-            ``"reference"`` (the paper's window mean of mean ``|v_t - v_{t-1}|``; in practice below 1e-8
-            from the first steps, so it switches at ``autoswitch_t_min``) or ``"relative"`` (mean ``|dv|``
-            / mean ``v`` of the raw ``v``, about ``1 / t`` while the average fills: its threshold mostly picks
-            a step count). See :class:`~step_lightning.AutoSwitch`. All three are logged.
-        autoswitch_window: samples in the sliding window; ``None`` means ``1 / (1 - beta2)`` of the
-            optimizer (1000 for beta2 = 0.999).
+        autoswitch_threshold: switch when the statistic's window value is below this. Default 0.5 for
+            ``"layer_rise"`` (no masked weight's geometric-mean ``v_hat`` rose by more than 65 % within the window;
+            chosen on the study's dense runs: studies/RESULTS.md); 0.25 for ``"log_drift"``; the reference
+            Adam's eps (1e-8) for ``"reference"``; e.g. 5e-3 for ``"relative"``.
+        autoswitch_statistic: ``"layer_rise"`` (default: the largest rise within the window of any masked
+            weight's log geometric-mean bias-corrected ``v_hat``; a falling ``v_hat`` does not hold the switch
+            back, since frozen it only makes the steps smaller; its switch step does not depend on the loss
+            scale), ``"log_drift"`` (the two-sided spread of one global geometric mean), ``"reference"`` (the
+            paper's window mean of mean ``|v_t - v_{t-1}|``; in practice below 1e-8 from the first steps, so it
+            switches at ``autoswitch_t_min``) or ``"relative"`` (mean ``|dv|`` / mean ``v`` of the raw ``v``,
+            about ``1 / t`` while the average fills: its threshold mostly picks a step count). See
+            :class:`~step_lightning.AutoSwitch`. The global ones are logged, and each weight's level as
+            ``sparsity/layers/<name>/log_v_hat``.
+        autoswitch_window: samples in the sliding window; ``None`` means Adam's memory ``1 / (1 - beta2)``
+            (1000 for beta2 = 0.999), cut to a quarter of ``autoswitch_t_max`` where that is shorter, so that
+            the test can act in runs shorter than a few memories (the window must be full before ``t_min``).
         autoswitch_t_min: no switch on the statistic before this step: an int, a float fraction of
             the run, or ``None``: the later of the window length and the end of the learning-rate
             warm-up of a :class:`~step_lightning.optim.WarmupDecayLR` stepping every optimizer step (Adam's
@@ -124,8 +129,8 @@ class STEPCallback(NMSparsityCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         sr_ste_decay: NonNegativeFloat = 0.0,
-        autoswitch_threshold: PositiveFloat = 0.25,
-        autoswitch_statistic: Statistic = "log_drift",
+        autoswitch_threshold: PositiveFloat = 0.5,
+        autoswitch_statistic: Statistic = "layer_rise",
         autoswitch_window: PositiveInt | None = None,
         autoswitch_t_min: NonNegativeInt | OpenUnitInterval | None = None,
         autoswitch_t_max: PositiveInt | OpenUnitInterval = 0.5,
@@ -201,7 +206,10 @@ class STEPCallback(NMSparsityCallback):
             t_max = self.run_steps.resolve("autoswitch_t_max", self.autoswitch_t_max, total)
             t_min = None if self.autoswitch_t_min is None else self.run_steps.resolve("autoswitch_t_min",
                                                                                   self.autoswitch_t_min, total)
-            self.autoswitch = AutoSwitch(self.autoswitch_threshold, self.autoswitch_window, t_min, t_max=t_max,
+            window = self.autoswitch_window
+            if window is None:  # Adam's memory, but at most a quarter of the precondition budget
+                window = max(1, min(round(1.0 / (1.0 - beta2)), t_max // 4))
+            self.autoswitch = AutoSwitch(self.autoswitch_threshold, window, t_min, t_max=t_max,
                                          statistic=self.autoswitch_statistic, beta2=beta2,
                                          check_every=self.autoswitch_check_every)
             if self.autoswitch_t_min is None:
@@ -303,10 +311,15 @@ class STEPCallback(NMSparsityCallback):
             metrics["sparsity/autoswitch_threshold"] = self.autoswitch.threshold
             stats = self._optimizer.second_moment_stats if self._optimizer is not None else None
             if stats is not None:
-                metrics["sparsity/autoswitch_stat"] = stats[SAMPLE_KEYS[self.autoswitch.statistic]]
+                sample = stats[SAMPLE_KEYS[self.autoswitch.statistic]]
+                if sample.dim() == 0:
+                    metrics["sparsity/autoswitch_stat"] = sample
+                metrics["sparsity/autoswitch_log_v_hat"] = stats["log_v_hat"]
+                # layer_rise's sample: each masked weight's mean log v_hat (watched in `targets` order)
+                for target, level in zip(self.targets, stats["log_v_hat_layers"], strict=True):
+                    metrics[f"sparsity/layers/{target.name}/log_v_hat"] = level
                 metrics["sparsity/autoswitch_abs_dv"] = stats["abs_dv"]
                 metrics["sparsity/autoswitch_rel_dv"] = stats["rel_dv"]
-                metrics["sparsity/autoswitch_log_v_hat"] = stats["log_v_hat"]
             mean = self.autoswitch.window_mean()
             if mean is not None and self._phase == "precondition":
                 metrics["sparsity/autoswitch_window_mean"] = mean

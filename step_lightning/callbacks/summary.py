@@ -34,6 +34,7 @@ def layer_table(recipe: NMSparsityCallback) -> str:
 
 
 YLABELS = {
+    "layer_rise": "largest rise of a layer's log geomean(v_hat) in the window",
     "log_drift": "spread of log geomean(v_hat) over the window",
     "reference": "window mean of mean |v_t - v_{t-1}|",
     "relative": "window mean of mean |dv| / mean v",
@@ -84,9 +85,9 @@ class SparsitySummary(Callback):
     * ``sparsity/layers`` (TensorBoard text) and ``<log_dir>/sparsity_layers.md``: per masked weight,
       its shape, N:M, kept fraction and last measured mask flip rate;
     * ``sparsity/autoswitch`` (TensorBoard figure) and ``<log_dir>/autoswitch.png`` (STEP with
-      ``switch="auto"``): the AutoSwitch window value at every check (for ``"log_drift"`` the spread of the
-      log geometric-mean ``v_hat`` over the window) against its threshold, on a log scale, with the switch
-      step marked.
+      ``switch="auto"``): the AutoSwitch window value at every check (for the default ``"layer_rise"`` the
+      largest rise of a masked weight's log geometric-mean ``v_hat`` within the window) against its threshold,
+      on a log scale, with the switch step marked.
 
     The files go to the run folder, ``trainer.log_dir``, whatever the logger (a ``CSVLogger`` run has them
     too; without a logger, ``default_root_dir``); the TensorBoard text and image only where a

@@ -10,11 +10,14 @@ from torch import Tensor
 
 from step_lightning.checks import NonNegativeInt, PositiveFloat, PositiveInt, UnitIntervalOpenRight, check_arguments
 
-Statistic = Literal["log_drift", "reference", "relative"]
+Statistic = Literal["layer_rise", "log_drift", "reference", "relative"]
 STATISTICS: tuple[str, ...] = get_args(Statistic)
 #: The entry of :attr:`StepAdamW.second_moment_stats <step_lightning.StepAdamW.second_moment_stats>` that each
 #: statistic samples once per step.
-SAMPLE_KEYS: dict[str, str] = {"log_drift": "log_v_hat", "reference": "abs_dv", "relative": "rel_dv"}
+SAMPLE_KEYS: dict[str, str] = {"layer_rise": "log_v_hat_layers", "log_drift": "log_v_hat", "reference": "abs_dv",
+                               "relative": "rel_dv"}
+#: The statistics whose window value is the spread (max - min) of levels rather than a window mean.
+DRIFT_STATISTICS = ("layer_rise", "log_drift")
 
 
 class AutoSwitch:
@@ -31,17 +34,31 @@ class AutoSwitch:
 
     The statistics, and what their window value is:
 
-    * ``"log_drift"`` (the default of :class:`~step_lightning.STEPCallback`): the sample is
-      ``s_t = mean log v_hat_t``, the log of the geometric mean of Adam's bias-corrected second moment over
-      the watched elements. The window value is the spread ``max - min`` of ``s_(t-window) .. s_t``: the
-      largest drift of the typical ``v_hat`` between two steps of the last window, in log units (0.1 is
-      about 10 %); before the window is full, the spread so far extrapolated to one window
-      (``x window / steps``). The spread, unlike the end-to-end drift ``|s_t - s_(t-window)|``, is not
-      fooled by a ``v_hat`` that rose and fell back within the window. Scaling the loss by ``c`` shifts
-      every ``s_t`` by ``2 log c``, so the spread, and the switch step, do not depend on the gradients'
-      scale; and ``v_hat`` is bias-corrected, so the spread does not merely count the steps the moving
-      average needs to fill. It falls when the gradients' magnitudes stop changing (for gradients that
-      keep shrinking, ``v_hat`` follows them and the spread stays up). Measured thresholds:
+    * ``"layer_rise"`` (the default of :class:`~step_lightning.STEPCallback`): the sample is a vector,
+      per watched weight ``l`` its level ``s_t^l = mean log v_hat_t`` (the log of the geometric mean of Adam's
+      bias-corrected second moment over that weight's elements). The window value is the largest rise
+      ``s_j^l - s_i^l``, ``i <= j``, of any weight within ``s_(t-window) .. s_t``, in log units (0.5 is
+      a ``v_hat`` 65 % higher); before the window is full, the rise so far extrapolated to one window
+      (``x window / steps``). Why a rise, and why per weight: after the freeze a weight's step is
+      ``m / sqrt(v*)``; where ``v_hat`` would have kept *rising* the frozen steps come out too large (on a
+      small BERT trained from scratch ``v_hat`` of the attention projections rose by e^13 after step 100,
+      and every switch before the rise ended left the model at chance: studies/RESULTS.md), where it keeps
+      *falling* (gradients shrinking while the model fits its data, the common case late in a run) they come
+      out smaller, like a decaying learning rate. A two-sided test never passes on such a steady fall (one
+      log unit per 1,000 steps on MNIST); one global mean lets weights that move in opposite directions
+      cancel. Scaling the loss by ``c`` shifts every level by ``2 log c``, so the switch step does not
+      depend on the gradients' scale (where Adam's ``eps`` is negligible against ``sqrt(v_hat)``).
+    * ``"log_drift"`` (the previous default): the sample is ``s_t = mean log v_hat_t``, the log of the
+      geometric mean of Adam's bias-corrected second moment over all watched elements. The window value is
+      the spread ``max - min`` of ``s_(t-window) .. s_t``: the largest drift of the typical ``v_hat``
+      between two steps of the last window, in log units (0.1 is about 10 %); before the window is full,
+      the spread so far extrapolated to one window (``x window / steps``). The spread, unlike the
+      end-to-end drift ``|s_t - s_(t-window)|``, is not fooled by a ``v_hat`` that rose and fell back
+      within the window. Scaling the loss by ``c`` shifts every ``s_t`` by ``2 log c``, so the spread, and the
+      switch step, do not depend on the gradients' scale; and ``v_hat`` is bias-corrected, so the spread does
+      not merely count the steps the moving average needs to fill. It falls when the gradients' magnitudes
+      stop changing (for gradients that keep shrinking, ``v_hat`` follows them and the spread stays up).
+      Measured thresholds:
       studies/AUTOSWITCH.md.
     * ``"reference"`` (the paper's test): the sample is ``mean |v_t - v_(t-1)|``, the window value the
       window mean, against Adam's ``eps`` (1e-8). That statistic scales with the squared gradients; at
@@ -63,7 +80,8 @@ class AutoSwitch:
             :meth:`load_state_dict`, a state saved for another statistic.
 
     Args:
-        threshold: the switch threshold on the window value: e.g. 0.2 for ``"log_drift"`` (a 20 % drift of
+        threshold: the switch threshold on the window value: e.g. 0.5 for ``"layer_rise"``, 0.2 for
+            ``"log_drift"`` (a 20 % drift of
             the geometric-mean ``v_hat`` over one window), Adam's ``eps`` (1e-8) for ``"reference"``, a
             ratio such as 5e-3 for ``"relative"``.
         window: the window, in steps; ``None`` means ``1 / (1 - beta2)`` (1000 for 0.999).
@@ -118,28 +136,39 @@ class AutoSwitch:
 
     @property
     def _size(self) -> int:
-        # log_drift keeps the levels s_(t-window) .. s_t: window + 1 samples.
-        return self.window + 1 if self.statistic == "log_drift" else self.window
+        # The drift statistics keep the levels s_(t-window) .. s_t: window + 1 samples.
+        return self.window + 1 if self.statistic in DRIFT_STATISTICS else self.window
 
     def _ring(self, like: Tensor) -> Tensor:
-        if self._buffer is None:
-            self._buffer = torch.zeros(self._size, dtype=torch.float32, device=like.device)
+        if self._buffer is None:  # one row per step; "layer_rise" samples one level per watched tensor
+            self._buffer = torch.zeros((self._size, *like.shape), dtype=torch.float32, device=like.device)
+        elif self._buffer.shape[1:] != like.shape:
+            raise ValueError(f"AutoSwitch.observe: got a sample of shape {tuple(like.shape)} after samples of shape "
+                             f"{tuple(self._buffer.shape[1:])}: the watched weights changed during the run.")
         elif self._buffer.device != like.device:
             self._buffer = self._buffer.to(like.device)
         return self._buffer
 
     def window_mean(self) -> Tensor | None:
         """The window value the test compares with the threshold (a device tensor), or ``None`` before it
-        exists: the mean of the samples in the window, or for ``"log_drift"`` the spread
-        ``max - min`` of the levels ``s_(t-window) .. s_t`` (needs two levels)."""
+        exists: the mean of the samples in the window; for ``"log_drift"`` the spread ``max - min`` of the
+        levels ``s_(t-window) .. s_t``, for ``"layer_rise"`` the largest rise of a weight's level among them
+        (both need two levels)."""
         if self._buffer is None or self.t == 0:
             return None
-        if self.statistic != "log_drift":
+        if self.statistic not in DRIFT_STATISTICS:
             return self._buffer[: min(self.t, self.window)].mean()
-        levels = self._buffer[: min(self.t, self._size)]  # the ring's filled slots, in any order
-        if len(levels) < 2:
+        filled = min(self.t, self._size)
+        if filled < 2:
             return None
-        return (levels.amax() - levels.amin()) * (self.window / (len(levels) - 1))
+        if self.statistic == "log_drift":  # the spread of the ring's filled slots (in any order)
+            levels = self._buffer[:filled]
+            return (levels.amax() - levels.amin()) * (self.window / (filled - 1))
+        # layer_rise: the levels in time order (oldest first), per watched tensor its largest rise s_j - s_i, i <= j
+        order = torch.arange(self.t - filled, self.t, device=self._buffer.device) % self._size
+        levels = self._buffer[order]
+        rise = (levels - torch.cummin(levels, dim=0).values).amax()
+        return rise * (self.window / (filled - 1))
 
     def observe(self, value: Tensor | float) -> bool:
         """Record the statistic of step ``t + 1``; return ``True`` exactly at the step that switches."""

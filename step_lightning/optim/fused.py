@@ -84,7 +84,8 @@ def compiled_available(device: torch.device) -> bool:
 
 
 def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], beta2: float) -> Tensor | None:
-    """The four sums of :func:`_stats` over watched tensors (before their update), or ``None`` on a failure."""
+    """The four sums of :func:`_stats` of each watched tensor (before its update), as rows of a ``(len(vs), 4)``
+    tensor, or ``None`` on a failure."""
     parts = []
     shifts = _bias_terms(steps, beta2, vs[0].device)
     torch._foreach_log_(shifts)
@@ -96,7 +97,7 @@ def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], bet
         if out is None:
             return None
         parts.append(out)
-    return torch.stack(parts).sum(0)
+    return torch.stack(parts)
 
 
 def frozen_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

@@ -58,7 +58,11 @@ class StepAdamW(Optimizer):
     * ``log_v_hat = mean log v_hat_t``, the log of the geometric mean of the bias-corrected second moment
       ``v_hat = v / (1 - beta2 ** k)``, over the elements with ``v > 0`` (an element that never had a
       nonzero gradient has no scale to measure). Scaling the loss by ``c`` shifts it by ``2 log c``, so
-      its changes are scale-free. One extra pass over ``v``, in the scratch buffer of ``abs_dv``.
+      its changes are scale-free. One extra pass over ``v``, in the scratch buffer of ``abs_dv``;
+    * ``log_v_hat_layers``: the same mean, per watched tensor (a 1-D tensor in :meth:`watch` order; a tensor
+      without a gradient in the step keeps its last value, NaN before its first gradient, 0 while it has no
+      ``v > 0``): what the ``"layer_drift"`` AutoSwitch test watches, so that layers drifting in opposite
+      directions cannot cancel in one global mean.
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
@@ -114,7 +118,9 @@ class StepAdamW(Optimizer):
                     f"StepAdamW: `implementation`='fused' needs floating-point parameters on a device with fused "
                     f"kernels; got one of dtype {unfit[0].dtype} on {unfit[0].device}. Use implementation='auto' "
                     "(fused where possible, foreach elsewhere) or 'foreach'.")
-        self._watched: set[int] = set()
+        self._watched: dict[int, int] = {}  # id(param) -> its position in the watch() order
+        self._levels: Tensor | None = None  # per watched tensor, its last mean log v_hat
+        self._level_index: dict[tuple[int, ...], Tensor] = {}
         self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
 
@@ -123,7 +129,8 @@ class StepAdamW(Optimizer):
         # configuration, set again by whoever watches.
         super().__setstate__(state)
         self.__dict__.setdefault("implementation", "auto")
-        self._watched, self._scratch, self.second_moment_stats = set(), {}, None
+        self._watched, self._levels, self._level_index, self._scratch = {}, None, {}, {}
+        self.second_moment_stats = None
 
     # ----------------------------------------------------------------------------------------------
     # Freezing and watching
@@ -141,7 +148,8 @@ class StepAdamW(Optimizer):
     def watch(self, params: Iterable[Tensor]) -> None:
         """Measure the second-moment change of ``params`` in every step (see :attr:`second_moment_stats`)."""
         found = self._group_of(params, "watch")
-        self._watched = {id(p) for p, _ in found}
+        self._watched = {id(p): i for i, (p, _) in enumerate(found)}
+        self._levels, self._level_index = None, {}
         self._scratch = {k: v for k, v in self._scratch.items() if k in self._watched}
         self.second_moment_stats = None
 
@@ -233,7 +241,8 @@ class StepAdamW(Optimizer):
                 loss = closure()
 
         # Per (group, device, dtype) bucket of watched weights with a gradient: device scalars and host counts.
-        sums: dict[str, list[Any]] = {"abs_dv": [], "v": [], "log_v_hat": [], "nonzero": [], "numel": []}
+        sums: dict[str, list[Any]] = {"abs_dv": [], "v": [], "log_v_hat": [], "nonzero": [], "numel": [],
+                                      "layers": []}
         for group in self.param_groups:
             # (device, dtype, frozen) -> lists, so each foreach call sees one device and dtype.
             buckets: dict[tuple[torch.device, torch.dtype, bool], dict[str, list[Any]]] = {}
@@ -273,7 +282,8 @@ class StepAdamW(Optimizer):
 
             abs_dv = total("abs_dv")
             self.second_moment_stats = {"abs_dv": abs_dv / sum(sums["numel"]), "rel_dv": abs_dv / total("v"),
-                                        "log_v_hat": total("log_v_hat") / total("nonzero")}
+                                        "log_v_hat": total("log_v_hat") / total("nonzero"),
+                                        "log_v_hat_layers": self._layer_levels(sums["layers"])}
         else:
             self.second_moment_stats = None
         return loss
@@ -340,11 +350,33 @@ class StepAdamW(Optimizer):
         torch._foreach_clamp_min_(dv, _TINY)
         torch._foreach_log_(dv)
         torch._foreach_add_(dv, -_LOG_TINY)
-        nonzero = torch._foreach_norm(dv, 0, dtype=torch.float32)
-        shift = [_LOG_TINY - math.log(1 - beta2 ** b["steps"][i].item()) for i in watched]
-        sums["log_v_hat"].append(torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)).sum()
-                                 + torch.stack(torch._foreach_mul(nonzero, shift)).sum())
-        sums["nonzero"].append(torch.stack(nonzero).sum())
+        nonzero = torch.stack(torch._foreach_norm(dv, 0, dtype=torch.float32))
+        shift = torch.tensor([_LOG_TINY - math.log(1 - beta2 ** b["steps"][i].item()) for i in watched],
+                             device=nonzero.device)
+        log_sums = torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)) + nonzero * shift
+        self._add_log_sums(sums, [b["params"][i] for i in watched], log_sums, nonzero)
+
+    def _add_log_sums(self, sums: dict[str, list[Any]], params: list[Tensor], log_sums: Tensor,
+                      nonzero: Tensor) -> None:
+        """Record, for watched ``params``, the sums of ``log v_hat`` over their elements with ``v > 0`` and the
+        counts of those elements (1-D tensors, one entry per parameter)."""
+        sums["log_v_hat"].append(log_sums.sum())
+        sums["nonzero"].append(nonzero.sum())
+        # A tensor with no v > 0 has no scale: level 0, a constant, until it gets one (a jump the test sees).
+        levels = torch.where(nonzero > 0, log_sums / nonzero.clamp_min(1), 0.0)
+        sums["layers"].append(([self._watched[id(p)] for p in params], levels))
+
+    def _layer_levels(self, parts: list[tuple[list[int], Tensor]]) -> Tensor:
+        """Each watched tensor's mean ``log v_hat`` in ``watch()`` order; a tensor without a gradient in this step
+        keeps its level of the last step it had one (its ``v`` did not change), NaN before it ever had one."""
+        if self._levels is None:
+            self._levels = torch.full((len(self._watched),), math.nan, device=parts[0][1].device)
+        for index, levels in parts:
+            key = tuple(index)
+            if key not in self._level_index:  # built once per bucket, so the hot path copies nothing to the device
+                self._level_index[key] = torch.tensor(index, device=self._levels.device)
+            self._levels.index_copy_(0, self._level_index[key], levels.to(self._levels.device, torch.float32))
+        return self._levels.clone()
 
     def _fused_adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]],
                             compiled: bool) -> None:
@@ -366,11 +398,10 @@ class StepAdamW(Optimizer):
         if watched and totals is None:
             self._watched_stats(group, b, sums, watched, after=True)
         elif totals is not None:
-            sums["abs_dv"].append(totals[0] * (1 - beta2))
+            sums["abs_dv"].append(totals[:, 0].sum() * (1 - beta2))
             sums["numel"].append(sum(grads[i].numel() for i in watched))
-            sums["v"].append(totals[1])
-            sums["log_v_hat"].append(totals[2])
-            sums["nonzero"].append(totals[3])
+            sums["v"].append(totals[:, 1].sum())
+            self._add_log_sums(sums, [params[i] for i in watched], totals[:, 2], totals[:, 3])
 
     def _steps_on(self, params: list[Tensor], steps: list[Tensor], device_side: bool) -> list[Tensor]:
         """The step counters, moved (once, in the state) to the parameters' device for the fused kernels on an

@@ -98,7 +98,7 @@ def test_step_autoswitch_waits_for_the_end_of_the_warmup(tmp_path: Path, warmup:
 
 def test_step_autoswitch_t_max_warns(tmp_path: Path) -> None:
     cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=3)
-    with pytest.warns(UserWarning, match=r"reached autoswitch_t_max=3 without the log_drift statistic"):
+    with pytest.warns(UserWarning, match=r"reached autoswitch_t_max=3 without the layer_rise statistic"):
         fit(tmp_path, cb, max_steps=6)
     assert cb.switch_step == 4 and cb.autoswitch.switched_by == "t_max"
 
@@ -248,7 +248,8 @@ def test_fp16_overflow_steps_are_not_counted(tmp_path: Path) -> None:
             loss = super().training_step(batch, batch_idx)
             return loss * float("inf") if self.trainer.global_step == 2 else loss
 
-    cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=100, autoswitch_check_every=1)
+    cb = STEPCallback(switch="auto", autoswitch_window=2, autoswitch_t_max=100, autoswitch_check_every=1,
+                      autoswitch_statistic="log_drift", autoswitch_threshold=1e-30)  # observes every step
     train, _ = tiny_loaders()
     fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     trainer = tiny_trainer(tmp_path, [cb], max_steps=6, plugins=[fp16])
@@ -471,8 +472,8 @@ def test_manual_optimization_is_refused(tmp_path: Path) -> None:
         (lambda: STEPCallback(switch="sometimes"), r"`switch` must be 'auto' or .*, got 'sometimes'"),
         (lambda: STEPCallback(autoswitch_t_max=None), r"`autoswitch_t_max` must be an integer >= 1 or a number in "
                                                       r"\(0, 1\), got None"),
-        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of 'log_drift', "
-                                                              r"'reference', 'relative', got 'median'"),
+        (lambda: STEPCallback(autoswitch_statistic="median"), r"`autoswitch_statistic` must be one of 'layer_rise', "
+                                                              r"'log_drift', 'reference', 'relative', got 'median'"),
         (lambda: STEPCallback(autoswitch_threshold=-1.0), r"`autoswitch_threshold` must be a number > 0, got -1.0"),
         (lambda: STEPCallback(autoswitch_window=0), r"`autoswitch_window` must be an integer >= 1 or null, got 0"),
         (lambda: STEPCallback(sr_ste_decay=-1.0), r"`sr_ste_decay` must be a number >= 0"),

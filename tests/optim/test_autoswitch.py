@@ -8,9 +8,9 @@ import torch
 from step_lightning import AutoSwitch
 
 
-def feed(switch: AutoSwitch, values: list[float]) -> int | None:
+def feed(switch: AutoSwitch, values: list[float] | torch.Tensor) -> int | None:
     for v in values:
-        if switch.observe(torch.tensor(v)):
+        if switch.observe(torch.as_tensor(v)):
             return switch.t
     return None
 
@@ -72,7 +72,7 @@ def test_state_dict_roundtrip_continues_identically() -> None:
         (dict(t_max=10, window=0), r"`window` must be an integer >= 1"),
         (dict(t_max=10, t_min=-1), r"`t_min` must be an integer >= 0"),
         (dict(t_max=10, statistic="median"),
-         r"`statistic` must be one of 'log_drift', 'reference', 'relative', got 'median'"),
+         r"`statistic` must be one of 'layer_rise', 'log_drift', 'reference', 'relative', got 'median'"),
         (dict(threshold=float("inf"), t_max=10), r"`threshold` must be a number > 0, got inf"),
         (dict(t_max=10, check_every=0), r"`check_every` must be an integer >= 1"),
         (dict(t_max=10, beta2=1.0), r"`beta2` must be a number in \[0, 1\)"),
@@ -139,3 +139,46 @@ def test_log_drift_state_dict_roundtrip_and_statistic_mismatch() -> None:
     with pytest.raises(ValueError, match=r"watched the 'log_drift' statistic, this run is configured with "
                                          r"'relative'.*autoswitch_statistic log_drift"):
         other.load_state_dict(part.state_dict())
+
+
+def test_layer_rise_waits_for_the_last_rising_layer() -> None:
+    # Two layers: one's log v_hat rises 0.1 a step to a plateau, the other's falls as fast; their mean stays put. The
+    # global log_drift test switches at its first check after t_min; layer_rise waits until the rise has ended.
+    rising = [min(0.1 * t, 2.0) for t in range(40)]
+    levels = torch.tensor([rising, [-x for x in rising]]).T  # (step, layer)
+    by_mean = AutoSwitch(threshold=0.25, window=4, t_min=4, t_max=100, statistic="log_drift")
+    by_layer = AutoSwitch(threshold=0.25, window=4, t_min=4, t_max=100, statistic="layer_rise")
+    assert feed(by_mean, levels.mean(1)) == 5
+    assert feed(by_layer, levels) == 23  # steps 19..23 hold 1.8, 1.9, 2, 2, 2: the first rise below 0.25
+    assert by_layer.history[0] == (2, pytest.approx(0.1 * 4))  # 0.1 in one step, per window of 4
+
+
+def test_layer_rise_lets_a_falling_second_moment_switch() -> None:
+    # Gradients that keep shrinking (a model fitting its data): every level falls 0.1 a step, in a different order
+    # of the ring each time. Frozen, such a v_hat only makes the steps smaller: layer_rise switches after t_min,
+    # where the two-sided log_drift spread never falls below its threshold.
+    levels = torch.tensor([[-0.1 * t, -0.2 * t] for t in range(40)])
+    by_layer = AutoSwitch(threshold=0.25, window=4, t_min=4, t_max=30, statistic="layer_rise")
+    by_spread = AutoSwitch(threshold=0.25, window=4, t_min=4, t_max=30, statistic="log_drift")
+    assert feed(by_layer, levels) == 5 and by_layer.switched_by == "threshold"
+    assert feed(by_spread, levels.mean(1)) == 31 and by_spread.switched_by == "t_max"
+    # A rise anywhere in the window, also one that came before a fall, blocks the switch.
+    bump = AutoSwitch(threshold=0.25, window=4, t_min=4, t_max=30, statistic="layer_rise")
+    assert feed(bump, [0.0, 0.0, 0.0, 0.5] + [0.0] * 8) == 8  # the rise 3 -> 4 is in the windows of steps 5..7
+
+
+def test_layer_rise_ignores_a_constant_shift_of_each_layer_and_survives_state_dict() -> None:
+    base = torch.tensor([[0.5 * (1 - 0.7**t), -0.4 * 0.6**t, 0.2 * (1 - 0.8**t)] for t in range(40)])
+    steps = set()
+    for shift in (-13.8, 0.0, 13.8):
+        s = AutoSwitch(threshold=0.02, window=5, t_max=100, statistic="layer_rise")
+        steps.add(feed(s, base + shift + torch.tensor([0.0, 3.0, -7.0])))
+    assert len(steps) == 1 and None not in steps
+    expected = steps.pop()
+    part = AutoSwitch(threshold=0.02, window=5, t_max=100, statistic="layer_rise")
+    assert expected > 7 and feed(part, base[:7]) is None
+    resumed = AutoSwitch(threshold=0.02, window=5, t_max=100, statistic="layer_rise")
+    resumed.load_state_dict(part.state_dict())
+    assert feed(resumed, base[7:]) == expected
+    with pytest.raises(ValueError, match=r"sample of shape \(2,\) after samples of shape \(3,\)"):
+        part.observe(torch.zeros(2))
