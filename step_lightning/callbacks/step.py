@@ -301,8 +301,32 @@ class STEPCallback(NMSparsityCallback):
         self._optimizer.watch([])
         self._phase = "mask_learning"
         self._switch_step = self._opt_steps
+        self._warn_early_raw_freeze()
         rank_zero_info(f"STEPCallback: switched to mask learning after optimizer step {self._switch_step}; "
                        f"{len(self.targets)} weights now {self.n}:{self.m} with a frozen second moment.")
+
+    def _warn_early_raw_freeze(self) -> None:
+        """The reference frozen denominator is ``sqrt(v*)`` of the raw ``v``, which is ``1 - beta2 ** T0`` times
+        ``v_hat``: for a switch well inside Adam's memory the frozen steps come out several times Adam's."""
+        assert self._optimizer is not None and self._switch_step is not None
+        targets = {id(t.param) for t in self.targets}
+        groups = [g for g in self._optimizer.param_groups
+                  if not g["frozen_bias_correction"] and any(id(p) in targets for p in g["params"])]
+        if not groups:
+            return
+        beta2 = max(g["betas"][1] for g in groups)
+        share = 1.0 - beta2 ** self._switch_step
+        factor = share ** -0.5
+        if factor > 1.25:
+            rank_zero_warn(
+                f"STEPCallback: the second moment was frozen after step {self._switch_step} with the reference "
+                f"denominator sqrt(v*) + eps2 of the raw v, which is 1 - beta2^T0 = {share:.3f} times Adam's "
+                f"bias-corrected v_hat there: the mask-learning steps come out about {factor:.1f}x Adam's. On a "
+                "small GPT-2 switching at step 120 that made STEP end at perplexity 252 instead of 152 "
+                "(studies/RESULTS.md). For a switch this early use --model.init_args.optimizer.init_args."
+                "frozen_bias_correction true (the reference and the bias-corrected denominators agree for a switch "
+                "after several thousand steps)."
+            )
 
     @override
     def _recipe_metrics(self) -> dict[str, Any]:

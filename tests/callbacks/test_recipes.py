@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -527,3 +528,20 @@ def test_stepadamw_is_driven_by_lr_schedulers_as_a_torch_optimizer(tmp_path: Pat
     assert model.optimizers().optimizer is model.trainer.optimizers[0]
     assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**4)
     assert cb.switch_step == 2
+
+
+class BiasCorrectedFreeze(TinyModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return StepAdamW(self.parameters(), lr=self.lr, weight_decay=0.01, frozen_bias_correction=True)
+
+
+def test_an_early_switch_with_the_raw_second_moment_warns(tmp_path: Path) -> None:
+    # The reference frozen denominator uses the raw v = (1 - beta2^T0) v_hat: 1 - 0.999^5 = 0.005, steps ~14x Adam's.
+    with pytest.warns(UserWarning, match=r"frozen after step 5 .* 1 - beta2\^T0 = 0\.005 times .* about 14\.2x Adam's"
+                                         r".*frozen_bias_correction true"):
+        fit(tmp_path / "raw", STEPCallback(switch=5), max_steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(validation_step|logging interval|workers).*")
+        train, _ = tiny_loaders()
+        tiny_trainer(tmp_path / "corrected", [STEPCallback(switch=5)], max_steps=6).fit(BiasCorrectedFreeze(), train)
