@@ -181,6 +181,9 @@ def test_second_moment_stats_match_a_manual_computation() -> None:
         k = int(opt.state[w1]["step"])
         log_v_hat = torch.cat([(v / (1 - 0.99**k)).log().flatten() for v in new_v]).mean()
         torch.testing.assert_close(stats["log_v_hat"], log_v_hat)
+        # layer_rise's sample: the same mean per watched tensor, in watch() order
+        per_layer = torch.stack([(v / (1 - 0.99**k)).log().mean() for v in new_v])
+        torch.testing.assert_close(stats["log_v_hat_layers"], per_layer)
         old_v = [v.clone() for v in new_v]
     opt.freeze_second_moment([w1, w2])
     for p in (w1, w2, other):
@@ -232,6 +235,10 @@ def test_stats_average_over_the_watched_weights_with_a_gradient_in_that_step_onl
         assert opt.second_moment_stats is not None and ref.second_moment_stats is not None
         for key in ("abs_dv", "rel_dv", "log_v_hat"):
             torch.testing.assert_close(opt.second_moment_stats[key], ref.second_moment_stats[key], msg=key)
+        # Per tensor: b keeps the level of its last step with a gradient (its v did not change since).
+        last_b = opt.state[b]["exp_avg_sq"] / (1 - 0.999 ** int(opt.state[b]["step"]))
+        torch.testing.assert_close(opt.second_moment_stats["log_v_hat_layers"][1], last_b.log().mean(), atol=1e-4,
+                                   rtol=0)
         if not b_gets_grad:
             only_a = opt.state[a]["exp_avg_sq"] / (1 - 0.999 ** (step + 1))
             # log v_hat sums log(v / float32 tiny) ~ 80 per element in float32: ~1e-5 absolute, 1e-4 of a 1 % drift.
