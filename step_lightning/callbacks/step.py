@@ -43,12 +43,15 @@ class STEPCallback(NMSparsityCallback):
 
     1. **Precondition** (``phase == "precondition"``, ``sparsity/phase`` = 0): plain dense AdamW through
        :class:`~step_lightning.StepAdamW`. With ``switch="auto"`` the optimizer measures after each step
-       how much Adam's second moment ``v`` still moves on the weights that will be masked, and
-       :class:`~step_lightning.AutoSwitch` watches the window mean of that statistic. Validation
+       the level of Adam's bias-corrected second moment ``v_hat`` of each weight that will be masked (the mean
+       of its ``log v_hat``), and :class:`~step_lightning.AutoSwitch` watches how much any of them rose within
+       the window (the default ``"layer_rise"``; the other statistics below). Validation
        evaluates the N:M model with magnitude masks of the dense weights (what a one-shot prune would
        deploy), so ``val/...`` always measures an N:M model.
-    2. **The switch** at step ``T0`` (``switch_step``): when the window mean falls below
-       ``autoswitch_threshold`` after ``autoswitch_t_min`` steps, or unconditionally after
+    2. **The switch** at step ``T0`` (``switch_step``): when the window value falls below
+       ``autoswitch_threshold`` after ``autoswitch_t_min`` steps (checked every ``autoswitch_check_every``
+       steps; by default: once no masked weight's ``v_hat`` rose by more than 65 % within the window), or
+       unconditionally after
        ``autoswitch_t_max`` steps; or at the fixed step ``switch`` (an int, or a float fraction of the
        run). The second moment of every masked weight is frozen (:meth:`StepAdamW.freeze_second_moment`).
     3. **Mask learning** (``phase == "mask_learning"``, ``sparsity/phase`` = 1), from step ``T0 + 1``:
@@ -60,7 +63,10 @@ class STEPCallback(NMSparsityCallback):
 
     The reference STEP code uses plain STE in phase 2 (``sr_ste_decay=0``, the default); set
     ``sr_ste_decay=2e-4`` for "SR-STE + precondition". The frozen denominator is the reference
-    ``sqrt(v*) + eps ** 0.75`` unless the optimizer has ``frozen_bias_correction=True``.
+    ``sqrt(v*) + eps ** 0.75`` of the raw ``v*`` unless the optimizer has ``frozen_bias_correction=True``. The
+    raw ``v*`` is ``1 - beta2 ** T0`` times ``v_hat``: for a switch inside Adam's memory (``T0`` below about
+    ``1 / (1 - beta2)``) the mask-learning steps come out ``1 / sqrt(1 - beta2 ** T0)`` times Adam's, and the
+    callback warns at the switch (the shipped configs of short runs set ``frozen_bias_correction: true``).
 
     Args:
         n: weights kept in every group of ``m`` (N of "N:M").
