@@ -34,7 +34,7 @@ def layer_table(recipe: NMSparsityCallback) -> str:
 
 
 YLABELS = {
-    "layer_rise": "largest rise of a layer's log geomean(v_hat) in the window",
+    "layer_rise": "largest rise of a weight's log v_hat level",
     "log_drift": "spread of log geomean(v_hat) over the window",
     "reference": "window mean of mean |v_t - v_{t-1}|",
     "relative": "window mean of mean |dv| / mean v",
