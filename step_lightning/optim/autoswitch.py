@@ -16,7 +16,7 @@ STATISTICS: tuple[str, ...] = get_args(Statistic)
 #: statistic samples once per step.
 SAMPLE_KEYS: dict[str, str] = {"layer_rise": "log_v_hat_layers", "log_drift": "log_v_hat", "reference": "abs_dv",
                                "relative": "rel_dv"}
-#: The statistics whose window value is the spread (max - min) of levels rather than a window mean.
+#: The statistics whose window value comes from the levels s_(t-window) .. s_t, not from a window mean.
 DRIFT_STATISTICS = ("layer_rise", "log_drift")
 
 
@@ -58,8 +58,7 @@ class AutoSwitch:
       switch step, do not depend on the gradients' scale; and ``v_hat`` is bias-corrected, so the spread does
       not merely count the steps the moving average needs to fill. It falls when the gradients' magnitudes
       stop changing (for gradients that keep shrinking, ``v_hat`` follows them and the spread stays up).
-      Measured thresholds:
-      studies/AUTOSWITCH.md.
+      Measured thresholds: studies/AUTOSWITCH.md.
     * ``"reference"`` (the paper's test): the sample is ``mean |v_t - v_(t-1)|``, the window value the
       window mean, against Adam's ``eps`` (1e-8). That statistic scales with the squared gradients; at
       real model scales it is about 1e-9 to 1e-12 from the first steps, so in practice this test

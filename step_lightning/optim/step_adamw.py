@@ -61,7 +61,7 @@ class StepAdamW(Optimizer):
       its changes are scale-free. One extra pass over ``v``, in the scratch buffer of ``abs_dv``;
     * ``log_v_hat_layers``: the same mean, per watched tensor (a 1-D tensor in :meth:`watch` order; a tensor
       without a gradient in the step keeps its last value, NaN before its first gradient, 0 while it has no
-      ``v > 0``): what the ``"layer_drift"`` AutoSwitch test watches, so that layers drifting in opposite
+      ``v > 0``): what the ``"layer_rise"`` AutoSwitch test watches, so that weights moving in opposite
       directions cannot cancel in one global mean.
 
     Args:
