@@ -16,6 +16,26 @@ those of the eager code, so the masks are bit-identical, ties and NaN included:
   maximum of the members before ``k`` and with the NaN-propagating maximum of those after it: a prefix
   and a suffix scan, ``O(m)`` per group instead of ``O(m^2)`` pairs.
 * ``m > 6``, ``n > 1``: the eager win count (``wins >= m - n``), pairwise, still in one pass over memory.
+
+**Row kernel (CPU, Linear layout).** Inductor's C++ backend emits the grouped kernel scalar: a group's members
+sit at stride ``m`` (it loads ``w[k + m*x0]``), and its heuristics refuse to vectorise loops where such loads
+dominate (forcing it was 5x slower: each strided load goes through a scalar gather). Where groups run along the
+contiguous axis (layout ``linear``, group width ``B = 1``) a second kernel therefore works per **element** of the
+``(rows, row_length)`` weight: element ``k`` at position ``p = k % m`` of its group meets its mates at ``k + d``,
+``d`` in ``[-p, m - 1 - p]``, i.e. in shifted contiguous views of the weight, which Inductor vectorises
+(``at::vec``, 16 floats wide with AVX-512). ``p`` comes in as a small float tensor of one row's length (an
+index computed in the kernel, ``k % m``, would make the loop scalar again), the interior rows read shifted views
+of the flat weight (no bounds checks; a padded copy's masked loads were 4-7x slower), the first and last rows
+read a padded copy of themselves, and the mask is written as ``int8`` 0/1 and viewed as ``bool`` (Inductor's
+vectorised ``bool`` store was 25x slower than its ``int8`` store). The element counts its wins by the eager
+pairwise rule (the pair ``i < j`` goes to ``i`` when ``|w_i| >= |w_j|``) and is kept iff ``wins >= m - n``:
+
+* ``m > 6``: that *is* the eager rule, NaN included.
+* ``m <= 6``: the eager lookup table ranks the members by wins, the lower index first among equal counts.
+  Without NaN the pairwise outcomes are those of a strict total order (magnitude, then index), the win counts
+  are ``0..m-1``, and the table keeps exactly the members with ``wins >= m - n``. A NaN can make them cyclic
+  (``[2, NaN, 1]``: every member wins once), so the row kernel also returns, per row, whether it met a NaN,
+  and a weight that holds one is masked by the grouped kernel instead.
 """
 
 from __future__ import annotations
@@ -23,11 +43,14 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from step_lightning.compiling import CompiledKernel, compile_available, dtype_and_device, mark_dynamic
 
 _KERNELS: dict[tuple[int, int], CompiledKernel] = {}
+_ROW_KERNELS: dict[tuple[int, int], CompiledKernel] = {}
+_POSITIONS: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _count(flags: list[Tensor]) -> Tensor:
@@ -83,14 +106,94 @@ def _make_kernel(n: int, m: int):
     return keep_grouped
 
 
-def compiled_keep(g: Tensor, n: int, m: int) -> Tensor | None:
+def _keep_by_wins(at, p: Tensor, n: int, m: int) -> Tensor:
+    """Per element: whether it beats at least ``m - n`` of its group mates (eager's pairwise rule).
+
+    ``at(d)`` is ``|w|`` shifted by ``d`` elements along the row (``at(0)`` the element itself); ``p`` its
+    position in its group. An earlier mate ``e`` (``d <= p``) is beaten when ``not |w_e| >= |w|``, a later one
+    ``l`` (``d <= m - 1 - p``) when ``|w| >= |w_l|``; the others are not mates.
+    """
+    a = at(0)
+    if n == 1:  # beats all of them: conjunctions, no count
+        keep = None
+        for d in range(1, m):
+            beats = ((p < d) | ~(at(-d) >= a)) & ((p > m - 1 - d) | (a >= at(d)))
+            keep = beats if keep is None else keep & beats
+        return keep
+    wins = None
+    for d in range(1, m):
+        for won in ((p >= d) & ~(at(-d) >= a), (p <= m - 1 - d) & (a >= at(d))):
+            wins = won.float() if wins is None else wins + won.float()
+    return wins >= m - n
+
+
+def _make_row_kernel(n: int, m: int):
+    def keep_rows(w: Tensor, p: Tensor) -> tuple[Tensor, Tensor | None]:
+        rows, length = w.shape
+        flat = w.reshape(-1)
+
+        def inner(d: int) -> Tensor:  # rows 1..rows-2 shifted by d: always inside the weight, no bounds checks
+            return flat[length + d: length + d + (rows - 2) * length].view(rows - 2, length).abs()
+
+        ends = F.pad(torch.stack([w[0], w[rows - 1]]).abs(), (m - 1, m - 1))
+
+        def outer(d: int) -> Tensor:  # the first and the last row, from their padded copy
+            return ends[:, m - 1 + d: m - 1 + d + length]
+
+        middle = torch.where(_keep_by_wins(inner, p, n, m), 1, 0).to(torch.int8)
+        first_last = torch.where(_keep_by_wins(outer, p, n, m), 1, 0).to(torch.int8)
+        keep = torch.cat([first_last[:1], middle, first_last[1:]])
+        if m > 6:
+            return keep, None
+        nan_rows = (inner(0) != inner(0)).any(dim=1)  # fused into the loop above: no second pass
+        return keep, nan_rows | (ends != ends).any()
+
+    return keep_rows
+
+
+def _positions(length: int, m: int, device: torch.device) -> Tensor:
+    """``[0, 1, ..., m-1, 0, 1, ...]`` of ``length`` as float32 (a view of one cached tensor per ``m`` and device)."""
+    cached = _POSITIONS.get((m, device))
+    if cached is None or cached.numel() < length:
+        cached = _POSITIONS[(m, device)] = (torch.arange(max(length, 4096), device=device) % m).float()
+    return cached[:length]
+
+
+def _row_keep(weight: Tensor, n: int, m: int) -> Tensor | None:
+    """The keep mask of a 2-D ``(rows, row_length)`` weight from the row kernel, or ``None`` where it does not
+    apply (a NaN with ``m <= 6``, fewer than 4 rows) or failed."""
+    rows, length = weight.shape
+    kernel = _ROW_KERNELS.get((n, m))
+    if kernel is None:
+        kernel = _ROW_KERNELS[(n, m)] = CompiledKernel(f"nm_mask {n}:{m}", _make_row_kernel(n, m))
+    if rows < 4 or not weight.is_contiguous():  # 3 rows: Dynamo would specialise the interior's 1 row
+        return None
+    out = kernel(f"{dtype_and_device(weight)}, rows", mark_dynamic(weight, (0, 1)),
+                 mark_dynamic(_positions(length, m, weight.device), (0,)))
+    if out is None:
+        return None
+    keep, nan_rows = out
+    if nan_rows is not None and bool(nan_rows.any()):
+        return None
+    return keep.view(torch.bool)
+
+
+def compiled_keep(g: Tensor, n: int, m: int, row_length: int | None = None) -> Tensor | None:
     """The keep mask of a grouped view ``(A, m, B)`` from the fused kernel, or ``None`` when it is unavailable.
 
-    ``None`` (the caller then runs the eager rules) when ``torch.compile`` cannot target the device or when
-    the kernel failed once in this process (with one warning, see :class:`~step_lightning.compiling.CompiledKernel`).
+    ``row_length``: for a weight whose groups run along its contiguous rows (layout ``linear``, ``B = 1``), the
+    length of a row; on CPU such weights go to the row kernel (see the module docstring). ``None`` (the caller
+    then runs the eager rules) when ``torch.compile`` cannot target the device or when the kernel failed once in
+    this process (with one warning, see :class:`~step_lightning.compiling.CompiledKernel`).
     """
     if not compile_available(g.device):
         return None
+    if row_length is not None and g.device.type == "cpu" and g.shape[2] == 1:
+        keep = _row_keep(g.view(-1, row_length), n, m)
+        if keep is not None:
+            return keep.view(g.shape)
+        if _ROW_KERNELS[(n, m)].failed:  # warned once; a compiler that fails here fails the grouped kernel too
+            return None
     kernel = _KERNELS.get((n, m))
     if kernel is None:
         kernel = _KERNELS[(n, m)] = CompiledKernel(f"nm_mask {n}:{m}", _make_kernel(n, m))
