@@ -23,19 +23,31 @@ dominate (forcing it was 5x slower: each strided load goes through a scalar gath
 contiguous axis (layout ``linear``, group width ``B = 1``) a second kernel therefore works per **element** of the
 ``(rows, row_length)`` weight: element ``k`` at position ``p = k % m`` of its group meets its mates at ``k + d``,
 ``d`` in ``[-p, m - 1 - p]``, i.e. in shifted contiguous views of the weight, which Inductor vectorises
-(``at::vec``, 16 floats wide with AVX-512). ``p`` comes in as a small float tensor of one row's length (an
-index computed in the kernel, ``k % m``, would make the loop scalar again), the interior rows read shifted views
-of the flat weight (no bounds checks; a padded copy's masked loads were 4-7x slower), the first and last rows
-read a padded copy of themselves, and the mask is written as ``int8`` 0/1 and viewed as ``bool`` (Inductor's
-vectorised ``bool`` store was 25x slower than its ``int8`` store). The element counts its wins by the eager
-pairwise rule (the pair ``i < j`` goes to ``i`` when ``|w_i| >= |w_j|``) and is kept iff ``wins >= m - n``:
+(``at::vec``, 16 floats wide with AVX-512). What it takes to keep that loop vector code, all measured:
+
+* ``p`` (or which neighbours are mates) comes in as a small float tensor of one row's length
+  (:func:`_row_aux`): ``k % m`` computed in the kernel made the loop scalar;
+* the interior rows read shifted views of the flat weight, which never leave it; only the first and the last
+  row read a padded copy of themselves (masked loads over the whole weight were 4-7x slower);
+* the mask is written as ``int8`` 0/1 through float and viewed as ``bool``: Inductor's vectorised stores of
+  ``bool``, or conversions of a mask to ``int8``, were 15-25x slower;
+* the three parts (first row, interior, last row) are joined by ``torch.cat``, which for ``int8`` on CPU
+  Inductor leaves to ``aten.cat``: one extra copy of the mask (a quarter of the weight's bytes, read and
+  written). Writing the parts into slices of a preallocated output instead made Inductor materialise the
+  intermediates (15x slower).
+
+The element counts its wins by the eager pairwise rule (the pair ``i < j`` goes to ``i`` when
+``|w_i| >= |w_j|``) and is kept iff ``wins >= m - n``:
 
 * ``m > 6``: that *is* the eager rule, NaN included.
 * ``m <= 6``: the eager lookup table ranks the members by wins, the lower index first among equal counts.
   Without NaN the pairwise outcomes are those of a strict total order (magnitude, then index), the win counts
   are ``0..m-1``, and the table keeps exactly the members with ``wins >= m - n``. A NaN can make them cyclic
-  (``[2, NaN, 1]``: every member wins once), so the row kernel also returns, per row, whether it met a NaN,
-  and a weight that holds one is masked by the grouped kernel instead.
+  (``[0, 1, NaN, 1]``: the count keeps 3, the table 2), so the row kernel also returns each row's
+  NaN-propagating maximum, and a weight that holds a NaN is masked by the grouped kernel instead.
+
+One compile per N:M, dtype and device serves every weight shape with at least 4 rows (rows and row length are
+dynamic); smaller weights go to the grouped kernel.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ from step_lightning.compiling import CompiledKernel, compile_available, dtype_an
 
 _KERNELS: dict[tuple[int, int], CompiledKernel] = {}
 _ROW_KERNELS: dict[tuple[int, int], CompiledKernel] = {}
-_POSITIONS: dict[tuple[int, torch.device], Tensor] = {}
+_AUX: dict[tuple[bool, int, torch.device], Tensor] = {}
 
 
 def _count(flags: list[Tensor]) -> Tensor:
@@ -106,29 +118,31 @@ def _make_kernel(n: int, m: int):
     return keep_grouped
 
 
-def _keep_by_wins(at, p: Tensor, n: int, m: int) -> Tensor:
+def _keep_by_wins(at, aux: Tensor, n: int, m: int) -> Tensor:
     """Per element: whether it beats at least ``m - n`` of its group mates (eager's pairwise rule).
 
-    ``at(d)`` is ``|w|`` shifted by ``d`` elements along the row (``at(0)`` the element itself); ``p`` its
-    position in its group. An earlier mate ``e`` (``d <= p``) is beaten when ``not |w_e| >= |w|``, a later one
-    ``l`` (``d <= m - 1 - p``) when ``|w| >= |w_l|``; the others are not mates.
+    ``at(d)`` is ``|w|`` shifted by ``d`` elements along the row (``at(0)`` the element itself); ``aux`` is
+    :func:`_row_aux`. An earlier mate ``e`` (``d <= p``, ``p`` the element's position in its group) is beaten
+    when ``not |w_e| >= |w|``, a later one ``l`` (``d <= m - 1 - p``) when ``|w| >= |w_l|``. The forms are the
+    cheapest found for Inductor's vector code: for ``n = 1`` (beat them all) a conjunction over the neighbours
+    with ``aux = p``; else a float32 count with one compare, select and add per neighbour, where
+    ``aux[0, d-1]`` is 1.0 where the element ``d`` before is a mate and ``aux[1, d-1]`` where the one ``d``
+    after is.
     """
     a = at(0)
-    if n == 1:  # beats all of them: conjunctions, no count
-        keep = None
-        for d in range(1, m):
-            beats = ((p < d) | ~(at(-d) >= a)) & ((p > m - 1 - d) | (a >= at(d)))
-            keep = beats if keep is None else keep & beats
-        return keep
-    wins = None
+    keep = wins = None
     for d in range(1, m):
-        for won in ((p >= d) & ~(at(-d) >= a), (p <= m - 1 - d) & (a >= at(d))):
-            wins = won.float() if wins is None else wins + won.float()
-    return wins >= m - n
+        if n == 1:
+            beats = ((aux < d) | ~(at(-d) >= a)) & ((aux > m - 1 - d) | (a >= at(d)))
+            keep = beats if keep is None else keep & beats
+        else:
+            won = torch.where(at(-d) >= a, 0.0, aux[0, d - 1]) + torch.where(a >= at(d), aux[1, d - 1], 0.0)
+            wins = won if wins is None else wins + won
+    return keep if n == 1 else wins >= m - n
 
 
 def _make_row_kernel(n: int, m: int):
-    def keep_rows(w: Tensor, p: Tensor) -> tuple[Tensor, Tensor | None]:
+    def keep_rows(w: Tensor, aux: Tensor) -> tuple[Tensor, Tensor | None]:
         rows, length = w.shape
         flat = w.reshape(-1)
 
@@ -140,23 +154,29 @@ def _make_row_kernel(n: int, m: int):
         def outer(d: int) -> Tensor:  # the first and the last row, from their padded copy
             return ends[:, m - 1 + d: m - 1 + d + length]
 
-        middle = torch.where(_keep_by_wins(inner, p, n, m), 1, 0).to(torch.int8)
-        first_last = torch.where(_keep_by_wins(outer, p, n, m), 1, 0).to(torch.int8)
+        # bool -> float -> int8: Inductor's vectorised bool -> int8 (or bool) conversion is 15x slower.
+        middle = _keep_by_wins(inner, aux, n, m).float().to(torch.int8)
+        first_last = _keep_by_wins(outer, aux, n, m).float().to(torch.int8)
         keep = torch.cat([first_last[:1], middle, first_last[1:]])
         if m > 6:
             return keep, None
-        nan_rows = (inner(0) != inner(0)).any(dim=1)  # fused into the loop above: no second pass
-        return keep, nan_rows | (ends != ends).any()
+        # Per row, NaN iff the row holds one (maximum propagates NaN); fused into the loop above: no second pass.
+        return keep, torch.cat([inner(0).amax(dim=1), ends.amax(dim=1)])
 
     return keep_rows
 
 
-def _positions(length: int, m: int, device: torch.device) -> Tensor:
-    """``[0, 1, ..., m-1, 0, 1, ...]`` of ``length`` as float32 (a view of one cached tensor per ``m`` and device)."""
-    cached = _POSITIONS.get((m, device))
-    if cached is None or cached.numel() < length:
-        cached = _POSITIONS[(m, device)] = (torch.arange(max(length, 4096), device=device) % m).float()
-    return cached[:length]
+def _row_aux(length: int, n: int, m: int, device: torch.device) -> Tensor:
+    """The ``aux`` of :func:`_keep_by_wins` for a row of ``length``, float32: the positions ``p = k % m``
+    (``(length,)``) for ``n = 1``, else the mate flags (``(2, m - 1, length)``). A view of one cached tensor per
+    ``n = 1`` or not, ``m`` and device: an index computed in the kernel, ``k % m``, made its loop scalar."""
+    key = (n == 1, m, device)
+    cached = _AUX.get(key)
+    if cached is None or cached.shape[-1] < length:
+        p = torch.arange(max(length, 4096), device=device) % m
+        d = torch.arange(1, m, device=device).unsqueeze(1)
+        cached = _AUX[key] = (p if n == 1 else torch.stack([p >= d, p <= m - 1 - d])).float()
+    return cached[..., :length]
 
 
 def _row_keep(weight: Tensor, n: int, m: int) -> Tensor | None:
@@ -169,11 +189,11 @@ def _row_keep(weight: Tensor, n: int, m: int) -> Tensor | None:
     if rows < 4 or not weight.is_contiguous():  # 3 rows: Dynamo would specialise the interior's 1 row
         return None
     out = kernel(f"{dtype_and_device(weight)}, rows", mark_dynamic(weight, (0, 1)),
-                 mark_dynamic(_positions(length, m, weight.device), (0,)))
+                 mark_dynamic(_row_aux(length, n, m, weight.device), (0,) if n == 1 else (2,)))
     if out is None:
         return None
-    keep, nan_rows = out
-    if nan_rows is not None and bool(nan_rows.any()):
+    keep, row_max = out
+    if row_max is not None and bool(row_max.isnan().any()):
         return None
     return keep.view(torch.bool)
 

@@ -61,6 +61,24 @@ def test_compiled_other_dtypes_shapes_and_channels_last() -> None:
     assert not nm_compiled._KERNELS[(2, 4)].failed and not nm_compiled._ROW_KERNELS[(2, 4)].failed
 
 
+@pytest.mark.slow
+def test_row_kernel_hands_weights_with_nan_to_the_grouped_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The row kernel counts wins; for m <= 6 that is the eager lookup table only without NaN. In this group the
+    # NaN makes the wins cyclic: the count keeps 3 members where the table keeps 2.
+    monkeypatch.setattr(nm_compiled, "_KERNELS", {})
+    w = torch.randn(6, 16)
+    assert torch.equal(nm_mask(w, 2, 4, implementation="compiled"), nm_mask(w, 2, 4, implementation="eager"))
+    assert nm_compiled._KERNELS == {}  # no NaN: the row kernel alone
+    cyclic = torch.tensor([0.0, 1.0, float("nan"), 1.0])
+    for row, col in ((0, 0), (0, 12), (3, 4), (5, 12)):  # first row (padded), interior, last row (padded)
+        v = w.clone()
+        v[row, col:col + 4] = cyclic
+        eager = nm_mask(v, 2, 4, implementation="eager")
+        assert eager[row, col:col + 4].tolist() == [False, True, True, False]
+        assert torch.equal(nm_mask(v, 2, 4, implementation="compiled"), eager), (row, col)
+    assert not nm_compiled._KERNELS[(2, 4)].failed and not nm_compiled._ROW_KERNELS[(2, 4)].failed
+
+
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     def broken_compile(fn, **kwargs):
