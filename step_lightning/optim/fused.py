@@ -72,10 +72,11 @@ def _frozen(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: Tensor, beta1
 
 
 def _frozen_set(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], vs: list[Tensor],
-                step_sizes: list[Tensor], scales: list[float], beta1: float, decay: float, eps: float) -> None:
-    """:func:`_frozen` over the lists: compiled as one call, one loop per tensor."""
-    for p, g, m, v, step_size, scale in zip(params, grads, exp_avgs, vs, step_sizes, scales, strict=True):
-        _frozen(p, g, m, v, step_size, beta1, decay, scale, eps)
+                step_sizes: Tensor, scales: list[float], beta1: float, decay: float, eps: float) -> None:
+    """:func:`_frozen` over the lists (``step_sizes``: one tensor, an entry per tensor): compiled as one call,
+    one loop per tensor."""
+    for i, (p, g, m, v, scale) in enumerate(zip(params, grads, exp_avgs, vs, scales, strict=True)):
+        _frozen(p, g, m, v, step_sizes[i], beta1, decay, scale, eps)
 
 
 _STATS = CompiledKernel("StepAdamW statistic", _stats)
@@ -132,8 +133,10 @@ def frozen_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     kernel = _frozen_kernel(len(params))
     if kernel.failed:
         return False
-    step_sizes = torch._foreach_reciprocal(_bias_terms(steps, beta1, params[0].device))
-    torch._foreach_mul_(step_sizes, -lr)
+    # -lr / (1 - beta1 ** k) for all tensors in a few small ops on one stacked tensor: outside the kernel, where
+    # Inductor would evaluate the pow per element (see _bias_terms).
+    step_sizes = torch.pow(beta1, torch.stack(steps).to(params[0].device, torch.float32)).neg_().add_(1.0)
+    step_sizes = step_sizes.reciprocal_().mul_(-lr)
     kernel(f"{dtype_and_device(params[0])}, {len(params)} tensors", params, grads, exp_avgs, frozen_vs, step_sizes,
            scales, float(beta1), 1 - lr * wd, eps)
     return not kernel.failed
