@@ -400,6 +400,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask-repeats", type=int, default=None, help="nm_mask repeats (default 15; --quick 3)")
     parser.add_argument("--opt-repeats", type=int, default=None, help="optimizer-step repeats (default 20; --quick 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--clock", choices=micro.CLOCKS, default="wall",
+                        help="micro-benchmarks: wall time (default) or this thread's CPU time (needs --threads 1 "
+                             "and times the CPU rows only: on a shared machine it leaves out the time other "
+                             "processes hold the core)")
     parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmarks")
     parser.add_argument("--skip-micro", action="store_true", help="only the training-step benchmark")
     parser.add_argument("--quick", action="store_true",
@@ -417,6 +421,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{what}: unknown {unknown}; choose from {list(known)}")
     if "step_mask_learning" in args.recipes and args.warmup < 1:
         parser.error("--warmup must be >= 1 when timing step_mask_learning (its first step precedes the switch)")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error(f"--clock cpu needs --threads 1 (it times this thread only); got --threads {args.threads}")
     if min(args.rounds, args.steps, args.mask_repeats, args.opt_repeats) < 1:
         parser.error("--rounds, --steps, --mask-repeats and --opt-repeats must be >= 1")
     return args
@@ -450,10 +456,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_training(args)
     if not args.skip_micro:
         size = 1024 if args.quick else 4096
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        cuda = torch.cuda.is_available() and args.clock == "wall"
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
         for device in devices:
-            print(micro.bench_nm_mask(size, args.mask_repeats, device))
-            print(micro.bench_optimizer(args.opt_repeats, device))
+            print(micro.bench_nm_mask(size, args.mask_repeats, device, clock=args.clock))
+            print(micro.bench_optimizer(args.opt_repeats, device, clock=args.clock))
             sys.stdout.flush()
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"Total wall time {time.perf_counter() - t0:.0f} s; load average at the end {load}.")

@@ -9,11 +9,18 @@ of ``v``, ``g^2``, two 1-norms, a clamp, a log, a 0-norm...), the frozen step 6.
   ``torch.optim.AdamW(fused=True)``;
 * the statistic is one compiled kernel per watched tensor that reads the old ``v`` and ``g`` once, before
   the update, and reduces the four sums the statistic needs (it recomputes the new ``v`` in registers);
-* the frozen update is one compiled kernel per tensor: reads ``p, g, m, v*``, writes ``p, m``.
+* the frozen update is one compiled call for all frozen tensors of a bucket (a function that takes the lists,
+  :func:`_frozen_set`): per tensor one loop that reads ``p, g, m, v*`` and writes ``p, m``. One call per
+  tensor cost a Python call and a Dynamo guard check each (about 0.1 ms), which on ResNet-18's 21 frozen
+  weights made the step 1.18x AdamW(fused=True) (benchmarks/RESULTS.md, 2026-12-04).
 
-Tensors are passed flattened, with their length marked dynamic: one compile per dtype and device serves
-every parameter. Hyper-parameters and the step count are passed as numbers and 0-d tensors, so a learning
-rate that changes every step does not recompile (Dynamo turns a float that changed into a kernel argument).
+The statistic's tensors are passed flattened, with their length marked dynamic: one compile per dtype and
+device serves every parameter. The frozen set is compiled for its shapes (one compile per parameter set,
+dtype and device; Dynamo generalises a set whose shapes change to dynamic sizes on its next compile). Each
+number of tensors has a kernel of its own (:func:`_frozen_kernel`): Dynamo's cache, and its limit of 8
+compiles, is per code object. Hyper-parameters and the step count are passed
+as numbers and 0-d tensors, so a learning rate that changes every step does not recompile (Dynamo turns a float
+that changed into a kernel argument).
 """
 
 from __future__ import annotations
@@ -64,8 +71,24 @@ def _frozen(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: Tensor, beta1
     p.add_(m / denom * step_size)
 
 
+def _frozen_set(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], vs: list[Tensor],
+                step_sizes: Tensor, scales: list[float], beta1: float, decay: float, eps: float) -> None:
+    """:func:`_frozen` over the lists (``step_sizes``: one tensor, an entry per tensor): compiled as one call,
+    one loop per tensor."""
+    for i, (p, g, m, v, scale) in enumerate(zip(params, grads, exp_avgs, vs, scales, strict=True)):
+        _frozen(p, g, m, v, step_sizes[i], beta1, decay, scale, eps)
+
+
 _STATS = CompiledKernel("StepAdamW statistic", _stats)
-_FROZEN = CompiledKernel("StepAdamW frozen step", _frozen)
+_FROZEN: dict[int, CompiledKernel] = {}  # number of tensors -> the frozen-set kernel
+
+
+def _frozen_kernel(count: int) -> CompiledKernel:
+    """The compiled :func:`_frozen_set` for lists of ``count`` tensors."""
+    kernel = _FROZEN.get(count)
+    if kernel is None:
+        kernel = _FROZEN[count] = CompiledKernel("StepAdamW frozen step", _frozen_set)
+    return kernel
 
 
 def _bias_terms(steps: list[Tensor], beta: float, device: torch.device) -> list[Tensor]:
@@ -80,7 +103,7 @@ def _bias_terms(steps: list[Tensor], beta: float, device: torch.device) -> list[
 
 def compiled_available(device: torch.device) -> bool:
     """Whether the compiled kernels can run on ``device`` (and have not failed in this process)."""
-    return compile_available(device) and not (_STATS.failed or _FROZEN.failed)
+    return compile_available(device) and not (_STATS.failed or any(k.failed for k in _FROZEN.values()))
 
 
 def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], beta2: float) -> Tensor | None:
@@ -101,22 +124,20 @@ def watched_sums(vs: list[Tensor], grads: list[Tensor], steps: list[Tensor], bet
 
 
 def frozen_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                frozen_vs: list[Tensor], steps: list[Tensor], scales: list[float], eps: float) -> int:
-    """Run the compiled frozen update tensor by tensor; return how many were updated (all, unless the kernel
-    failed: the caller updates the rest with the foreach reference)."""
+                frozen_vs: list[Tensor], steps: list[Tensor], scales: list[float], eps: float) -> bool:
+    """Run the compiled frozen update on all of ``params`` in one call; ``False`` if the kernel failed (nothing
+    was updated then: the caller updates them with the foreach reference)."""
     beta1, _ = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
     if not params:
-        return 0
-    step_sizes = torch._foreach_reciprocal(_bias_terms(steps, beta1, params[0].device))
-    torch._foreach_mul_(step_sizes, -lr)
-    for i, (p, g, m, v, step_size, scale) in enumerate(zip(params, grads, exp_avgs, frozen_vs, step_sizes, scales,
-                                                           strict=True)):
-        flat = [mark_dynamic(t.view(-1), (0,)) for t in (p, m, v)]
-        if _FROZEN.failed:
-            return i
-        _FROZEN(dtype_and_device(p), flat[0], mark_dynamic(g.reshape(-1), (0,)), flat[1], flat[2], step_size,
-                float(beta1), 1 - lr * wd, scale, eps)
-        if _FROZEN.failed:
-            return i
-    return len(params)
+        return True
+    kernel = _frozen_kernel(len(params))
+    if kernel.failed:
+        return False
+    # -lr / (1 - beta1 ** k) for all tensors in a few small ops on one stacked tensor: outside the kernel, where
+    # Inductor would evaluate the pow per element (see _bias_terms).
+    step_sizes = torch.pow(beta1, torch.stack(steps).to(params[0].device, torch.float32)).neg_().add_(1.0)
+    step_sizes = step_sizes.reciprocal_().mul_(-lr)
+    kernel(f"{dtype_and_device(params[0])}, {len(params)} tensors", params, grads, exp_avgs, frozen_vs, step_sizes,
+           scales, float(beta1), 1 - lr * wd, eps)
+    return not kernel.failed

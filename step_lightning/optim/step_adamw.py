@@ -430,10 +430,11 @@ class StepAdamW(Optimizer):
                 scales, eps = [1.0] * len(fit), _frozen_eps(group)
             done = fused.frozen_step(group, *([t[i] for i in fit] for t in tensors), [steps[i] for i in fit],
                                      scales, eps)
-            rest = set(range(len(params))) - set(fit[:done])
+            fitted = set(fit) if done else set()
+            rest = [i for i in range(len(params)) if i not in fitted]
             if not rest:
                 return
-            params, grads, exp_avgs, frozen_vs, steps = ([t[i] for i in sorted(rest)] for t in
+            params, grads, exp_avgs, frozen_vs, steps = ([t[i] for i in rest] for t in
                                                          (params, grads, exp_avgs, frozen_vs, steps))
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)

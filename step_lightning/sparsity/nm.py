@@ -192,7 +192,7 @@ def nm_mask(weight: Tensor, n: int, m: int, layout: Layout = "linear", *,
     if use_compiled_mask(implementation, weight.device):
         from step_lightning.sparsity.nm_compiled import compiled_keep  # imports torch._dynamo lazily
 
-        fused = compiled_keep(g, n, m)
+        fused = compiled_keep(g, n, m, row_length=weight.shape[1] if layout == "linear" else None)
         if fused is not None:
             return fused.view(weight.shape)
     a_groups, _, b = g.shape

@@ -44,6 +44,7 @@ def test_compiled_is_bit_identical_to_eager(n: int, m: int) -> None:
             compiled = nm_mask(w, n, m, layout, implementation="compiled")
             assert torch.equal(compiled, eager), (layout, seed)
     assert not nm_compiled._KERNELS[(n, m)].failed  # the compiled kernel ran, no silent fallback
+    assert not nm_compiled._ROW_KERNELS[(n, m)].failed  # and the row kernel (linear layout on CPU)
 
 
 @pytest.mark.slow
@@ -51,13 +52,31 @@ def test_compiled_other_dtypes_shapes_and_channels_last() -> None:
     for dtype in (torch.bfloat16, torch.float16):
         for w in inputs((8, 64), 4, dtype, seed=1):
             assert torch.equal(nm_mask(w, 2, 4, implementation="compiled"), nm_mask(w, 2, 4, implementation="eager"))
-    for shape in ((3, 8), (17, 40), (1, 4)):  # one compile serves every shape
+    for shape in ((3, 8), (17, 40), (1, 4), (5, 12), (9, 4)):  # one compile serves every shape
         w = torch.randn(shape)
         assert torch.equal(nm_mask(w, 2, 4, implementation="compiled"), nm_mask(w, 2, 4, implementation="eager"))
     w = torch.randn(4, 16, 3, 3).to(memory_format=torch.channels_last)
     assert torch.equal(nm_mask(w, 2, 4, "conv", implementation="compiled"), nm_mask(w, 2, 4, "conv",
                                                                                     implementation="eager"))
-    assert not nm_compiled._KERNELS[(2, 4)].failed
+    assert not nm_compiled._KERNELS[(2, 4)].failed and not nm_compiled._ROW_KERNELS[(2, 4)].failed
+
+
+@pytest.mark.slow
+def test_row_kernel_hands_weights_with_nan_to_the_grouped_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The row kernel counts wins; for m <= 6 that is the eager lookup table only without NaN. In this group the
+    # NaN makes the wins cyclic: the count keeps 3 members where the table keeps 2.
+    monkeypatch.setattr(nm_compiled, "_KERNELS", {})
+    w = torch.randn(6, 16)
+    assert torch.equal(nm_mask(w, 2, 4, implementation="compiled"), nm_mask(w, 2, 4, implementation="eager"))
+    assert nm_compiled._KERNELS == {}  # no NaN: the row kernel alone
+    cyclic = torch.tensor([0.0, 1.0, float("nan"), 1.0])
+    for row, col in ((0, 0), (0, 12), (3, 4), (5, 12)):  # first row (padded), interior, last row (padded)
+        v = w.clone()
+        v[row, col:col + 4] = cyclic
+        eager = nm_mask(v, 2, 4, implementation="eager")
+        assert eager[row, col:col + 4].tolist() == [False, True, True, False]
+        assert torch.equal(nm_mask(v, 2, 4, implementation="compiled"), eager), (row, col)
+    assert not nm_compiled._KERNELS[(2, 4)].failed and not nm_compiled._ROW_KERNELS[(2, 4)].failed
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch,
@@ -69,6 +88,7 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pyt
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(nm_compiled, "_KERNELS", {})
+    monkeypatch.setattr(nm_compiled, "_ROW_KERNELS", {})
     w = torch.randn(8, 16)
     eager = nm_mask(w, 2, 4, implementation="eager")
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="step_lightning"):
@@ -80,14 +100,14 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pyt
     assert len(messages) == 1, messages
     assert ("the compiled nm_mask 2:4 kernel failed (RuntimeError: InductorError: no C++ compiler); using the "
             "eager implementation (same results, slower) for the rest of this process") in messages[0]
-    assert "compiling the fused nm_mask 2:4 kernel for float32 on cpu, B = 1" in caplog.text
+    assert "compiling the fused nm_mask 2:4 kernel for float32 on cpu, rows" in caplog.text
 
 
 def test_masked_weights_use_the_chosen_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
     from step_lightning.sparsity import MaskedWeights, SparseTarget
 
     seen = []
-    monkeypatch.setattr(nm_compiled, "compiled_keep", lambda g, n, m: seen.append((tuple(g.shape), n, m)))
+    monkeypatch.setattr(nm_compiled, "compiled_keep", lambda g, n, m, **kw: seen.append((tuple(g.shape), n, m)))
     w = torch.nn.Parameter(torch.randn(4, 8))
     target = SparseTarget(name="fc.weight", param=w, n=2, m=4, layout="linear")
     masks = MaskedWeights([target], implementation="compiled").compute_masks()
