@@ -328,7 +328,7 @@ class STEPCallback(NMSparsityCallback):
                 f"STEPCallback: the second moment was frozen after step {self._switch_step} with the reference "
                 f"denominator sqrt(v*) + eps2 of the raw v, which is 1 - beta2^T0 = {share:.3f} times Adam's "
                 f"bias-corrected v_hat there: the mask-learning steps come out about {factor:.1f}x Adam's. On a "
-                "small GPT-2 switching at step 120 that made STEP end at perplexity 252 instead of 152 "
+                "small GPT-2 switching at step 120 that made STEP end at perplexity 252 instead of 148 "
                 "(studies/RESULTS.md). For a switch this early use --model.init_args.optimizer.init_args."
                 "frozen_bias_correction true (the reference and the bias-corrected denominators agree for a switch "
                 "after several thousand steps)."
