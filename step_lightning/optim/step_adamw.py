@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from step_lightning.checks import NonNegativeFloat, PositiveFloat, UnitIntervalOpenRight, check_arguments
 from step_lightning.optim import fused
+from step_lightning.optim.watched_levels import WatchedLevels
 
 Implementation = Literal["auto", "fused", "foreach"]
 IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
@@ -118,9 +119,7 @@ class StepAdamW(Optimizer):
                     f"StepAdamW: `implementation`='fused' needs floating-point parameters on a device with fused "
                     f"kernels; got one of dtype {unfit[0].dtype} on {unfit[0].device}. Use implementation='auto' "
                     "(fused where possible, foreach elsewhere) or 'foreach'.")
-        self._watched: dict[int, int] = {}  # id(param) -> its position in the watch() order
-        self._levels: Tensor | None = None  # per watched tensor, its last mean log v_hat
-        self._level_index: dict[tuple[int, ...], Tensor] = {}
+        self._watched = WatchedLevels()
         self._scratch: dict[int, Tensor] = {}
         self.second_moment_stats: dict[str, Tensor] | None = None
 
@@ -129,8 +128,7 @@ class StepAdamW(Optimizer):
         # configuration, set again by whoever watches.
         super().__setstate__(state)
         self.__dict__.setdefault("implementation", "auto")
-        self._watched, self._levels, self._level_index, self._scratch = {}, None, {}, {}
-        self.second_moment_stats = None
+        self._watched, self._scratch, self.second_moment_stats = WatchedLevels(), {}, None
 
     # ----------------------------------------------------------------------------------------------
     # Freezing and watching
@@ -148,9 +146,8 @@ class StepAdamW(Optimizer):
     def watch(self, params: Iterable[Tensor]) -> None:
         """Measure the second-moment change of ``params`` in every step (see :attr:`second_moment_stats`)."""
         found = self._group_of(params, "watch")
-        self._watched = {id(p): i for i, (p, _) in enumerate(found)}
-        self._levels, self._level_index = None, {}
-        self._scratch = {k: v for k, v in self._scratch.items() if k in self._watched}
+        self._watched = WatchedLevels([p for p, _ in found])
+        self._scratch = {k: v for k, v in self._scratch.items() if k in self._watched.positions}
         self.second_moment_stats = None
 
     def _scratch_for(self, params: list[Tensor]) -> list[Tensor]:
@@ -266,7 +263,7 @@ class StepAdamW(Optimizer):
                 b["exp_avgs"].append(state["exp_avg"])
                 b["second"].append(state[FROZEN_V] if frozen else state["exp_avg_sq"])
                 b["steps"].append(state["step"])
-                b["watched"].append(id(p) in self._watched)
+                b["watched"].append(self._watched.watches(p))
             for (device, _, frozen), b in buckets.items():
                 compiled = self._compiled(device)
                 if frozen:
@@ -283,7 +280,7 @@ class StepAdamW(Optimizer):
             abs_dv = total("abs_dv")
             self.second_moment_stats = {"abs_dv": abs_dv / sum(sums["numel"]), "rel_dv": abs_dv / total("v"),
                                         "log_v_hat": total("log_v_hat") / total("nonzero"),
-                                        "log_v_hat_layers": self._layer_levels(sums["layers"])}
+                                        "log_v_hat_layers": self._watched.update(sums["layers"])}
         else:
             self.second_moment_stats = None
         return loss
@@ -350,11 +347,11 @@ class StepAdamW(Optimizer):
         torch._foreach_clamp_min_(dv, _TINY)
         torch._foreach_log_(dv)
         torch._foreach_add_(dv, -_LOG_TINY)
-        nonzero = torch.stack(torch._foreach_norm(dv, 0, dtype=torch.float32))
-        shift = torch.tensor([_LOG_TINY - math.log(1 - beta2 ** b["steps"][i].item()) for i in watched],
-                             device=nonzero.device)
-        log_sums = torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)) + nonzero * shift
-        self._add_log_sums(sums, [b["params"][i] for i in watched], log_sums, nonzero)
+        nonzero = torch._foreach_norm(dv, 0, dtype=torch.float32)
+        shift = [_LOG_TINY - math.log(1 - beta2 ** b["steps"][i].item()) for i in watched]  # host numbers: no copy
+        log_sums = torch.stack(torch._foreach_norm(dv, 1, dtype=torch.float32)) + torch.stack(
+            torch._foreach_mul(nonzero, shift))
+        self._add_log_sums(sums, [b["params"][i] for i in watched], log_sums, torch.stack(nonzero))
 
     def _add_log_sums(self, sums: dict[str, list[Any]], params: list[Tensor], log_sums: Tensor,
                       nonzero: Tensor) -> None:
@@ -362,21 +359,7 @@ class StepAdamW(Optimizer):
         counts of those elements (1-D tensors, one entry per parameter)."""
         sums["log_v_hat"].append(log_sums.sum())
         sums["nonzero"].append(nonzero.sum())
-        # A tensor with no v > 0 has no scale: level 0, a constant, until it gets one (a jump the test sees).
-        levels = torch.where(nonzero > 0, log_sums / nonzero.clamp_min(1), 0.0)
-        sums["layers"].append(([self._watched[id(p)] for p in params], levels))
-
-    def _layer_levels(self, parts: list[tuple[list[int], Tensor]]) -> Tensor:
-        """Each watched tensor's mean ``log v_hat`` in ``watch()`` order; a tensor without a gradient in this step
-        keeps its level of the last step it had one (its ``v`` did not change), NaN before it ever had one."""
-        if self._levels is None:
-            self._levels = torch.full((len(self._watched),), math.nan, device=parts[0][1].device)
-        for index, levels in parts:
-            key = tuple(index)
-            if key not in self._level_index:  # built once per bucket, so the hot path copies nothing to the device
-                self._level_index[key] = torch.tensor(index, device=self._levels.device)
-            self._levels.index_copy_(0, self._level_index[key], levels.to(self._levels.device, torch.float32))
-        return self._levels.clone()
+        sums["layers"].append(self._watched.part(params, log_sums, nonzero))
 
     def _fused_adamw_update(self, group: dict[str, Any], b: dict[str, list[Any]], sums: dict[str, list[Any]],
                             compiled: bool) -> None:
