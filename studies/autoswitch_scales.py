@@ -35,10 +35,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from step_lightning import STEPCallback  # noqa: E402
 from step_lightning.cli import main  # noqa: E402
 from step_lightning.models import CausalLM, ImageClassifier, SequenceClassifier  # noqa: E402
-from step_lightning.optim import SAMPLE_KEYS  # noqa: E402
+from step_lightning.optim import SAMPLE_KEYS, AutoSwitch  # noqa: E402
 
 CANDIDATES = {"layer_rise": [0.7, 0.5, 0.4, 0.3], "log_drift": [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1],
               "reference": [1e-8], "relative": [1e-2, 5e-3, 2e-3]}
@@ -97,29 +99,24 @@ def fit(scale: float, extra: list[str], out: Path, configs: list[Path] | None = 
 
 
 def window_values(samples: list[Any], statistic: str, window: int) -> list[float]:
-    """The AutoSwitch window value after each step t = 1.. (NaN where it does not exist yet)."""
+    """The AutoSwitch window value after each step t = 1.. (NaN where it does not exist yet), replayed through
+    :class:`AutoSwitch` itself (never switching: ``t_min`` and ``t_max`` at the end)."""
+    replay = AutoSwitch(1.0, window, len(samples), t_max=len(samples), statistic=statistic)  # type: ignore[arg-type]
     out = []
-    for t in range(1, len(samples) + 1):
-        if statistic == "layer_rise":  # per layer its largest rise s_j - s_i (i <= j) in the last window + 1 levels
-            levels = samples[max(0, t - 1 - window):t]
-            rises = [max(x - min(col[: j + 1]) for j, x in enumerate(col)) for col in zip(*levels, strict=True)]
-            out.append(math.nan if len(levels) < 2 else max(rises) * window / (len(levels) - 1))
-        elif statistic == "log_drift":  # the spread of the last window + 1 levels, per window
-            levels = samples[max(0, t - 1 - window):t]
-            out.append(math.nan if len(levels) < 2 else (max(levels) - min(levels)) * window / (len(levels) - 1))
-        else:
-            chunk = samples[max(0, t - window):t]
-            out.append(sum(chunk) / len(chunk))
+    for sample in samples:
+        replay.observe(torch.tensor(sample))
+        value = replay.window_mean()
+        out.append(math.nan if value is None else float(value))
     return out
 
 
-def switch_step(values: list[float], threshold: float, t_min: int, t_max: int, check_every: int) -> tuple[int, str]:
-    for t, v in enumerate(values, start=1):
-        if t > t_max:
-            return t, "t_max"
-        if t % check_every == 0 and t > t_min and v < threshold:
-            return t, "threshold"
-    return len(values), "end"
+def switch_step(samples: list[Any], statistic: str, window: int, threshold: float, t_min: int, t_max: int,
+                check_every: int) -> tuple[int, str]:
+    """Where :class:`AutoSwitch` with these settings switches on ``samples`` (``"end"``: not within them)."""
+    replay = AutoSwitch(threshold, window, t_min, t_max=t_max, statistic=statistic,  # type: ignore[arg-type]
+                        check_every=check_every)
+    step = next((replay.t for sample in samples if replay.observe(torch.tensor(sample))), None)
+    return (len(samples), "end") if step is None else (step, str(replay.switched_by))
 
 
 def report_curves(records: list[dict[str, float]], window: int, t_min: int, t_max: int, check_every: int,
@@ -127,10 +124,12 @@ def report_curves(records: list[dict[str, float]], window: int, t_min: int, t_ma
     """Print each statistic's window value every ``every`` steps and where each candidate threshold switches."""
     per_stat: dict[str, Any] = {}
     for statistic, key in SAMPLE_KEYS.items():
-        values = window_values([r[key] for r in records], statistic, window)
+        samples = [r[key] for r in records]
+        values = window_values(samples, statistic, window)
         row = " ".join(f"{t}:{values[t - 1]:.3g}" for t in range(every, len(values) + 1, every))
         print(f"{statistic:>9} window value at step  {row}")
-        switches = {thr: switch_step(values, thr, t_min, t_max, check_every) for thr in CANDIDATES[statistic]}
+        switches = {thr: switch_step(samples, statistic, window, thr, t_min, t_max, check_every)
+                    for thr in CANDIDATES[statistic]}
         print(f"{statistic:>9} switch (t_min {t_min}, t_max {t_max}): "
               + ", ".join(f"{thr:g} -> {s} ({why})" for thr, (s, why) in switches.items()))
         per_stat[statistic] = {str(k): v for k, v in switches.items()}
